@@ -1,0 +1,1552 @@
+//! iptables rule rendering with upstream kube-proxy's chain layout and hashed names
+//! (pkg/proxy/iptables/proxier.go), so a node moving from kube-proxy is taken over in
+//! place by one `iptables-restore --noflush`.
+//!
+//! Full desired state in, minimal change out: every sync renders the desired rules of
+//! the Services whose generation changed, and emits only the chains whose content
+//! differs from what was last applied. A one-endpoint change therefore writes the
+//! Service's own KUBE-SVC/KUBE-SEP chains and not the 30k-rule KUBE-SERVICES chain,
+//! which upstream's partial sync rewrites every time.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::fmt::Write as _;
+use std::net::IpAddr;
+
+use serde::{Deserialize, Serialize};
+
+use crate::categorize::categorize;
+use crate::error::{Error, Result};
+use crate::hash::{chain_hash, hash_lines};
+use crate::model::{Model, Protocol, ServicePort, ServicePortName};
+use crate::net::{Cidr, Family};
+
+pub const KUBE_SERVICES: &str = "KUBE-SERVICES";
+pub const KUBE_EXTERNAL_SERVICES: &str = "KUBE-EXTERNAL-SERVICES";
+pub const KUBE_NODEPORTS: &str = "KUBE-NODEPORTS";
+pub const KUBE_POSTROUTING: &str = "KUBE-POSTROUTING";
+pub const KUBE_MARK_MASQ: &str = "KUBE-MARK-MASQ";
+pub const KUBE_FORWARD: &str = "KUBE-FORWARD";
+pub const KUBE_PROXY_FIREWALL: &str = "KUBE-PROXY-FIREWALL";
+pub const KUBELET_FIREWALL: &str = "KUBE-FIREWALL";
+
+const SERVICE_CHAIN_PREFIXES: [&str; 5] = [
+    "KUBE-SVC-",
+    "KUBE-SVL-",
+    "KUBE-EXT-",
+    "KUBE-FW-",
+    "KUBE-SEP-",
+];
+/// Upstream drops per-endpoint comments above this many endpoints ("large cluster mode").
+pub const LARGE_CLUSTER_ENDPOINTS: usize = 1000;
+
+pub fn is_service_chain(name: &str) -> bool {
+    SERVICE_CHAIN_PREFIXES.iter().any(|p| name.starts_with(p))
+}
+
+/// How pod traffic is told from other traffic (--detect-local-mode, resolved).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub enum LocalDetector {
+    #[default]
+    None,
+    /// ClusterCIDR or NodeCIDR: source address in the CIDR (first one of the family).
+    Cidr { cidrs: Vec<String> },
+    /// BridgeInterface: arriving on the pod bridge.
+    Interface { name: String },
+    /// InterfaceNamePrefix: arriving on an interface whose name starts with the prefix.
+    Prefix { prefix: String },
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IptablesConfig {
+    pub family: Family,
+    pub node_name: String,
+    #[serde(default)]
+    pub node_zone: Option<String>,
+    /// The node's IPs (the first of this family is upstream's nodeIP).
+    #[serde(default)]
+    pub node_ips: Vec<String>,
+    #[serde(default = "default_masq_bit")]
+    pub masquerade_bit: u32,
+    #[serde(default)]
+    pub masquerade_all: bool,
+    #[serde(default)]
+    pub local_detector: LocalDetector,
+    /// None: NodePorts on every local address; Some: only on these IPs.
+    #[serde(default)]
+    pub nodeport_addresses: Option<Vec<String>>,
+    #[serde(default = "yes")]
+    pub localhost_nodeports: bool,
+    #[serde(default)]
+    pub conntrack_tcp_liberal: bool,
+    #[serde(default = "yes")]
+    pub random_fully: bool,
+}
+
+fn default_masq_bit() -> u32 {
+    14
+}
+fn yes() -> bool {
+    true
+}
+
+struct Resolved {
+    masq_mark: String,
+    if_local: Option<String>,
+    if_not_local: Option<String>,
+    node_ip: Option<IpAddr>,
+    nodeport_ips: Option<Vec<IpAddr>>,
+    localhost_nodeports: bool,
+}
+
+impl IptablesConfig {
+    fn resolve(&self) -> Result<Resolved> {
+        if self.masquerade_bit > 31 {
+            return Err(Error::config(
+                "masquerade_bit",
+                format!("{} is not within [0, 31]", self.masquerade_bit),
+            ));
+        }
+        let (if_local, if_not_local) = match &self.local_detector {
+            LocalDetector::None => (None, None),
+            LocalDetector::Cidr { cidrs } => {
+                let mut found = None;
+                for c in cidrs {
+                    let cidr = Cidr::parse(c).ok_or_else(|| {
+                        Error::config("local_detector.cidrs", format!("invalid CIDR {c:?}"))
+                    })?;
+                    if cidr.family() == self.family {
+                        found = Some(cidr);
+                        break;
+                    }
+                }
+                match found {
+                    Some(c) => (Some(format!("-s {c}")), Some(format!("! -s {c}"))),
+                    None => (None, None),
+                }
+            }
+            LocalDetector::Interface { name } => {
+                (Some(format!("-i {name}")), Some(format!("! -i {name}")))
+            }
+            LocalDetector::Prefix { prefix } => (
+                Some(format!("-i {prefix}+")),
+                Some(format!("! -i {prefix}+")),
+            ),
+        };
+        let mut node_ip = None;
+        for s in &self.node_ips {
+            let ip: IpAddr = s
+                .parse()
+                .map_err(|_| Error::config("node_ips", format!("invalid IP {s:?}")))?;
+            if Family::of(&ip) == self.family && node_ip.is_none() {
+                node_ip = Some(ip);
+            }
+        }
+        let nodeport_ips = match &self.nodeport_addresses {
+            None => None,
+            Some(list) => {
+                let mut v = Vec::new();
+                for s in list {
+                    let ip: IpAddr = s.parse().map_err(|_| {
+                        Error::config("nodeport_addresses", format!("invalid IP {s:?}"))
+                    })?;
+                    if Family::of(&ip) == self.family {
+                        v.push(ip);
+                    }
+                }
+                Some(v)
+            }
+        };
+        // Localhost NodePorts exist only for IPv4 and only when loopback is a
+        // NodePort address.
+        let localhost_nodeports = self.localhost_nodeports
+            && self.family == Family::V4
+            && nodeport_ips
+                .as_ref()
+                .is_none_or(|ips| ips.iter().any(|ip| ip.is_loopback()));
+        Ok(Resolved {
+            masq_mark: format!("{:#08x}", 1u64 << self.masquerade_bit),
+            if_local,
+            if_not_local,
+            node_ip,
+            nodeport_ips,
+            localhost_nodeports,
+        })
+    }
+}
+
+/// The rules one service port contributes: lines of the shared top-level chains and
+/// its own chains.
+#[derive(Debug, Clone, Default, PartialEq)]
+struct ServiceRules {
+    nat_services: Vec<String>,
+    nat_nodeports: Vec<String>,
+    filter_services: Vec<String>,
+    filter_external: Vec<String>,
+    filter_nodeports: Vec<String>,
+    filter_firewall: Vec<String>,
+    /// nat chains owned by this service port, with their rule lines.
+    chains: Vec<(String, Vec<String>)>,
+    endpoint_count: usize,
+    reachable: Vec<String>,
+    no_local_internal: bool,
+    no_local_external: bool,
+}
+
+struct CacheEntry {
+    generation: u64,
+    rules: ServiceRules,
+    chain_hashes: HashMap<String, u64>,
+    spn: ServicePortName,
+    port: ServicePort,
+    local_ready_ips: Vec<IpAddr>,
+}
+
+/// A UDP conntrack cleanup the caller should run after a successful restore.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ConntrackCleanup {
+    /// "service-ip" (delete flows to dst ip:port) or "nodeport" (to any local IP on
+    /// port) or "endpoint" (flows to `ip`, DNATed to `endpoint_ip`).
+    pub kind: String,
+    pub ip: Option<String>,
+    pub port: u16,
+    pub endpoint_ip: Option<String>,
+    pub protocol: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct HealthCheck {
+    pub port: u16,
+    pub service: String,
+    pub local_endpoints: usize,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct RenderStats {
+    pub full: bool,
+    pub services: usize,
+    pub service_ports: usize,
+    pub rendered_service_ports: usize,
+    pub endpoints: usize,
+    pub filter_rules: usize,
+    pub nat_rules: usize,
+    pub written_chains: usize,
+    pub deleted_chains: usize,
+    pub no_local_endpoints_internal: usize,
+    pub no_local_endpoints_external: usize,
+    pub large_cluster_mode: bool,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct RenderOutput {
+    /// Input for `iptables-restore --noflush`; empty when nothing changed.
+    pub text: String,
+    pub stats: RenderStats,
+    pub conntrack: Vec<ConntrackCleanup>,
+    pub health_checks: Vec<HealthCheck>,
+    /// Service keys whose rules were rewritten.
+    pub changed_services: Vec<String>,
+}
+
+/// Renders and remembers what was applied, per family.
+pub struct IptablesRenderer {
+    cfg: IptablesConfig,
+    res: Resolved,
+    cache: BTreeMap<ServicePortName, CacheEntry>,
+    top_hashes: HashMap<(&'static str, &'static str), u64>,
+    needs_full: bool,
+    large_cluster: bool,
+}
+
+fn cmt(s: &str) -> String {
+    format!("\"{s}\"")
+}
+
+fn rule(chain: &str, parts: &[&str]) -> String {
+    let mut s = String::with_capacity(128);
+    s.push_str("-A ");
+    s.push_str(chain);
+    for p in parts {
+        if p.is_empty() {
+            continue;
+        }
+        s.push(' ');
+        s.push_str(p);
+    }
+    s
+}
+
+pub struct ServiceChains {
+    pub cluster: String,
+    pub local: String,
+    pub firewall: String,
+    pub external: String,
+}
+
+pub fn service_chains(spn: &ServicePortName) -> ServiceChains {
+    let h = chain_hash(&format!("{}{}", spn, spn.protocol.lower()));
+    ServiceChains {
+        cluster: format!("KUBE-SVC-{h}"),
+        local: format!("KUBE-SVL-{h}"),
+        firewall: format!("KUBE-FW-{h}"),
+        external: format!("KUBE-EXT-{h}"),
+    }
+}
+
+pub fn endpoint_chain(spn: &ServicePortName, endpoint: &str) -> String {
+    format!(
+        "KUBE-SEP-{}",
+        chain_hash(&format!("{}{}{}", spn, spn.protocol.lower(), endpoint))
+    )
+}
+
+fn probability(n: usize) -> String {
+    format!("{:.10}", 1.0 / n as f64)
+}
+
+impl IptablesRenderer {
+    pub fn new(cfg: IptablesConfig) -> Result<Self> {
+        let res = cfg.resolve()?;
+        Ok(IptablesRenderer {
+            cfg,
+            res,
+            cache: BTreeMap::new(),
+            top_hashes: HashMap::new(),
+            needs_full: true,
+            large_cluster: false,
+        })
+    }
+
+    pub fn config(&self) -> &IptablesConfig {
+        &self.cfg
+    }
+
+    /// Change the node-level config (e.g. node labels changed): forces a full sync.
+    pub fn set_config(&mut self, cfg: IptablesConfig) -> Result<()> {
+        self.res = cfg.resolve()?;
+        self.cfg = cfg;
+        self.cache.clear();
+        self.needs_full = true;
+        Ok(())
+    }
+
+    /// The last restore failed or the kernel state is unknown: next render is full.
+    pub fn abort(&mut self) {
+        self.needs_full = true;
+    }
+
+    pub fn needs_full(&self) -> bool {
+        self.needs_full
+    }
+
+    /// Mark the last rendered state as applied.
+    pub fn commit(&mut self) {
+        self.needs_full = false;
+    }
+
+    fn render_service(&self, svc: &ServicePort, model: &Model) -> (ServiceRules, Vec<IpAddr>) {
+        let family = self.cfg.family;
+        let mut r = ServiceRules::default();
+        let Some(cluster_ip) = svc.cluster_ip(family) else {
+            return (r, Vec::new());
+        };
+        let node = self.cfg.node_name.as_str();
+        let endpoints = model.endpoints(&svc.name, family);
+        r.endpoint_count = endpoints.len();
+        let local_ready_ips: Vec<IpAddr> = endpoints
+            .iter()
+            .filter(|e| e.ready && e.is_local(node))
+            .map(|e| e.ip)
+            .collect();
+        let cat = categorize(&endpoints, svc, node, self.cfg.node_zone.as_deref());
+        let spn = svc.name.to_string();
+        let proto = svc.name.protocol.lower();
+        let chains = service_chains(&svc.name);
+        let fam_ips = |v: &Vec<IpAddr>| {
+            v.iter()
+                .copied()
+                .filter(|ip| Family::of(ip) == family)
+                .collect::<Vec<_>>()
+        };
+        let external_ips = fam_ips(&svc.external_ips);
+        let lb_ips = fam_ips(&svc.load_balancer_ips);
+        let source_ranges: Vec<Cidr> = svc
+            .load_balancer_source_ranges
+            .iter()
+            .copied()
+            .filter(|c| c.family() == family)
+            .collect();
+        let externally_accessible =
+            svc.node_port != 0 || !external_ips.is_empty() || !lb_ips.is_empty();
+
+        let uses_cluster_chain = !cat.cluster.is_empty() && svc.uses_cluster_endpoints();
+        let uses_local_chain = !cat.local.is_empty() && svc.uses_local_endpoints();
+        let has_endpoints = cat.has_any;
+        let mut internal_chain = chains.cluster.as_str();
+        let mut has_internal = has_endpoints;
+        if svc.internal_policy_local {
+            internal_chain = chains.local.as_str();
+            if cat.local.is_empty() {
+                has_internal = false;
+            }
+        }
+        let mut external_policy_chain = chains.cluster.as_str();
+        let mut has_external = has_endpoints;
+        if svc.external_policy_local {
+            external_policy_chain = chains.local.as_str();
+            if cat.local.is_empty() {
+                has_external = false;
+            }
+        }
+        let ext_chain = chains.external.as_str();
+        let uses_ext_chain = has_endpoints && externally_accessible;
+        let uses_fw_chain = has_endpoints && !lb_ips.is_empty() && !source_ranges.is_empty();
+        let lb_chain = if uses_fw_chain {
+            chains.firewall.as_str()
+        } else {
+            ext_chain
+        };
+
+        let (internal_target, internal_comment, external_target, external_comment);
+        if !has_endpoints {
+            internal_target = "REJECT";
+            internal_comment = cmt(&format!("{spn} has no endpoints"));
+            external_target = "REJECT";
+            external_comment = internal_comment.clone();
+        } else {
+            internal_target = "DROP";
+            internal_comment = cmt(&format!("{spn} has no local endpoints"));
+            external_target = "DROP";
+            external_comment = internal_comment.clone();
+            r.no_local_internal = !has_internal;
+            r.no_local_external = !has_external;
+        }
+        let port = svc.port.to_string();
+        let cip = cluster_ip.to_string();
+        let mproto = format!("-m {proto} -p {proto}");
+
+        // ClusterIP.
+        if has_internal {
+            r.nat_services.push(rule(
+                KUBE_SERVICES,
+                &[
+                    "-m comment --comment",
+                    &cmt(&format!("{spn} cluster IP")),
+                    &mproto,
+                    "-d",
+                    &cip,
+                    "--dport",
+                    &port,
+                    "-j",
+                    internal_chain,
+                ],
+            ));
+        } else {
+            r.filter_services.push(rule(
+                KUBE_SERVICES,
+                &[
+                    "-m comment --comment",
+                    &internal_comment,
+                    &mproto,
+                    "-d",
+                    &cip,
+                    "--dport",
+                    &port,
+                    "-j",
+                    internal_target,
+                ],
+            ));
+        }
+        // externalIPs.
+        for ip in &external_ips {
+            let ip = ip.to_string();
+            if has_endpoints {
+                r.nat_services.push(rule(
+                    KUBE_SERVICES,
+                    &[
+                        "-m comment --comment",
+                        &cmt(&format!("{spn} external IP")),
+                        &mproto,
+                        "-d",
+                        &ip,
+                        "--dport",
+                        &port,
+                        "-j",
+                        ext_chain,
+                    ],
+                ));
+            }
+            if !has_external {
+                r.filter_external.push(rule(
+                    KUBE_EXTERNAL_SERVICES,
+                    &[
+                        "-m comment --comment",
+                        &external_comment,
+                        &mproto,
+                        "-d",
+                        &ip,
+                        "--dport",
+                        &port,
+                        "-j",
+                        external_target,
+                    ],
+                ));
+            }
+        }
+        // LoadBalancer ingress IPs.
+        for ip in &lb_ips {
+            let ip = ip.to_string();
+            if has_endpoints {
+                r.nat_services.push(rule(
+                    KUBE_SERVICES,
+                    &[
+                        "-m comment --comment",
+                        &cmt(&format!("{spn} loadbalancer IP")),
+                        &mproto,
+                        "-d",
+                        &ip,
+                        "--dport",
+                        &port,
+                        "-j",
+                        lb_chain,
+                    ],
+                ));
+            }
+            if uses_fw_chain {
+                r.filter_firewall.push(rule(
+                    KUBE_PROXY_FIREWALL,
+                    &[
+                        "-m comment --comment",
+                        &cmt(&format!(
+                            "{spn} traffic not accepted by {}",
+                            chains.firewall
+                        )),
+                        &mproto,
+                        "-d",
+                        &ip,
+                        "--dport",
+                        &port,
+                        "-j DROP",
+                    ],
+                ));
+            }
+        }
+        if !has_external {
+            for ip in &lb_ips {
+                r.filter_external.push(rule(
+                    KUBE_EXTERNAL_SERVICES,
+                    &[
+                        "-m comment --comment",
+                        &external_comment,
+                        &mproto,
+                        "-d",
+                        &ip.to_string(),
+                        "--dport",
+                        &port,
+                        "-j",
+                        external_target,
+                    ],
+                ));
+            }
+        }
+        // NodePorts.
+        if svc.node_port != 0 {
+            let np = svc.node_port.to_string();
+            if has_endpoints {
+                r.nat_nodeports.push(rule(
+                    KUBE_NODEPORTS,
+                    &[
+                        "-m comment --comment",
+                        &spn,
+                        &mproto,
+                        "--dport",
+                        &np,
+                        "-j",
+                        ext_chain,
+                    ],
+                ));
+            }
+            if !has_external {
+                r.filter_external.push(rule(
+                    KUBE_EXTERNAL_SERVICES,
+                    &[
+                        "-m comment --comment",
+                        &external_comment,
+                        "-m addrtype --dst-type LOCAL",
+                        &mproto,
+                        "--dport",
+                        &np,
+                        "-j",
+                        external_target,
+                    ],
+                ));
+            }
+        }
+        // Health check node port: accepted whether or not there are local endpoints.
+        if svc.health_check_node_port != 0 {
+            r.filter_nodeports.push(rule(
+                KUBE_NODEPORTS,
+                &[
+                    "-m comment --comment",
+                    &cmt(&format!("{spn} health check node port")),
+                    "-m tcp -p tcp --dport",
+                    &svc.health_check_node_port.to_string(),
+                    "-j ACCEPT",
+                ],
+            ));
+        }
+
+        // Internal traffic: masquerade off-cluster (or all) traffic to the ClusterIP.
+        let mut internal_rules: Vec<String> = Vec::new();
+        if has_internal {
+            let head = [
+                "-m comment --comment",
+                &cmt(&format!("{spn} cluster IP")),
+                &mproto,
+                "-d",
+                &cip,
+                "--dport",
+                &port,
+            ];
+            if self.cfg.masquerade_all {
+                internal_rules.push(rule(
+                    internal_chain,
+                    &[&head[..], &["-j", KUBE_MARK_MASQ]].concat(),
+                ));
+            } else if let Some(not_local) = &self.res.if_not_local {
+                internal_rules.push(rule(
+                    internal_chain,
+                    &[&head[..], &[not_local.as_str(), "-j", KUBE_MARK_MASQ]].concat(),
+                ));
+            }
+        }
+
+        let mut own: Vec<(String, Vec<String>)> = Vec::new();
+        if uses_ext_chain {
+            let mut rules = Vec::new();
+            if !svc.external_policy_local {
+                rules.push(rule(
+                    ext_chain,
+                    &[
+                        "-m comment --comment",
+                        &cmt(&format!(
+                            "masquerade traffic for {spn} external destinations"
+                        )),
+                        "-j",
+                        KUBE_MARK_MASQ,
+                    ],
+                ));
+            } else {
+                if let Some(local) = &self.res.if_local {
+                    rules.push(rule(
+                        ext_chain,
+                        &[
+                            "-m comment --comment",
+                            &cmt(&format!("pod traffic for {spn} external destinations")),
+                            local,
+                            "-j",
+                            &chains.cluster,
+                        ],
+                    ));
+                }
+                rules.push(rule(
+                    ext_chain,
+                    &[
+                        "-m comment --comment",
+                        &cmt(&format!(
+                            "masquerade LOCAL traffic for {spn} external destinations"
+                        )),
+                        "-m addrtype --src-type LOCAL -j",
+                        KUBE_MARK_MASQ,
+                    ],
+                ));
+                rules.push(rule(
+                    ext_chain,
+                    &[
+                        "-m comment --comment",
+                        &cmt(&format!(
+                            "route LOCAL traffic for {spn} external destinations"
+                        )),
+                        "-m addrtype --src-type LOCAL -j",
+                        &chains.cluster,
+                    ],
+                ));
+            }
+            if has_external {
+                rules.push(rule(ext_chain, &["-j", external_policy_chain]));
+            }
+            own.push((ext_chain.to_string(), rules));
+        }
+        if uses_fw_chain {
+            let fw = chains.firewall.as_str();
+            let head = [
+                "-m comment --comment",
+                &cmt(&format!("{spn} loadbalancer IP")),
+            ];
+            let mut rules = Vec::new();
+            let mut allow_from_node = false;
+            for c in &source_ranges {
+                rules.push(rule(
+                    fw,
+                    &[&head[..], &["-s", &c.to_string(), "-j", ext_chain]].concat(),
+                ));
+                if self.res.node_ip.is_some_and(|ip| c.contains(&ip)) {
+                    allow_from_node = true;
+                }
+            }
+            if allow_from_node {
+                for ip in &lb_ips {
+                    rules.push(rule(
+                        fw,
+                        &[&head[..], &["-s", &ip.to_string(), "-j", ext_chain]].concat(),
+                    ));
+                }
+            }
+            rules.push(rule(
+                fw,
+                &[
+                    "-m comment --comment",
+                    &cmt(&format!(
+                        "other traffic to {spn} will be dropped by KUBE-PROXY-FIREWALL"
+                    )),
+                ],
+            ));
+            own.push((fw.to_string(), rules));
+        }
+        let large = self.large_cluster;
+        let policy_rules =
+            |chain: &str, eps: &[crate::model::Endpoint], mut rules: Vec<String>| -> Vec<String> {
+                if let Some(timeout) = svc.affinity_timeout {
+                    for ep in eps {
+                        let sep = endpoint_chain(&svc.name, &ep.addr());
+                        let c = if large {
+                            String::new()
+                        } else {
+                            format!(
+                                "-m comment --comment {}",
+                                cmt(&format!("{spn} -> {}", ep.addr()))
+                            )
+                        };
+                        rules.push(rule(
+                            chain,
+                            &[
+                                &c,
+                                "-m recent --name",
+                                &sep,
+                                "--rcheck --seconds",
+                                &timeout.to_string(),
+                                "--reap -j",
+                                &sep,
+                            ],
+                        ));
+                    }
+                }
+                let n = eps.len();
+                for (i, ep) in eps.iter().enumerate() {
+                    let sep = endpoint_chain(&svc.name, &ep.addr());
+                    let c = if large {
+                        String::new()
+                    } else {
+                        format!(
+                            "-m comment --comment {}",
+                            cmt(&format!("{spn} -> {}", ep.addr()))
+                        )
+                    };
+                    if i < n - 1 {
+                        rules.push(rule(
+                            chain,
+                            &[
+                                &c,
+                                "-m statistic --mode random --probability",
+                                &probability(n - i),
+                                "-j",
+                                &sep,
+                            ],
+                        ));
+                    } else {
+                        rules.push(rule(chain, &[&c, "-j", &sep]));
+                    }
+                }
+                rules
+            };
+        // The internal masquerade rule lives in the internal policy chain.
+        let (mut cluster_pre, mut local_pre) = (Vec::new(), Vec::new());
+        if internal_chain == chains.cluster {
+            cluster_pre = internal_rules;
+        } else {
+            local_pre = internal_rules;
+        }
+        if uses_cluster_chain {
+            own.push((
+                chains.cluster.clone(),
+                policy_rules(&chains.cluster, &cat.cluster, cluster_pre),
+            ));
+        }
+        if uses_local_chain {
+            own.push((
+                chains.local.clone(),
+                policy_rules(&chains.local, &cat.local, local_pre),
+            ));
+        }
+        for ep in &cat.all_reachable {
+            let addr = ep.addr();
+            let sep = endpoint_chain(&svc.name, &addr);
+            let c = if large {
+                String::new()
+            } else {
+                format!("-m comment --comment {spn}")
+            };
+            let ip = ep.ip.to_string();
+            let mut rules = vec![rule(&sep, &[&c, "-s", &ip, "-j", KUBE_MARK_MASQ])];
+            let recent = if svc.affinity_timeout.is_some() {
+                format!("-m recent --name {sep} --set")
+            } else {
+                String::new()
+            };
+            rules.push(rule(
+                &sep,
+                &[&c, &recent, &mproto, "-j DNAT --to-destination", &addr],
+            ));
+            own.push((sep, rules));
+        }
+        r.chains = own;
+        r.reachable = cat.all_reachable.iter().map(|e| e.addr()).collect();
+        (r, local_ready_ips)
+    }
+
+    fn top_level(&self) -> (Vec<(&'static str, &'static str, Vec<String>)>, usize) {
+        let mut nat_services = Vec::new();
+        let mut nat_nodeports = Vec::new();
+        let mut f_services = Vec::new();
+        let mut f_external = Vec::new();
+        let mut f_nodeports = Vec::new();
+        let mut f_firewall = Vec::new();
+        for e in self.cache.values() {
+            nat_services.extend_from_slice(&e.rules.nat_services);
+            nat_nodeports.extend_from_slice(&e.rules.nat_nodeports);
+            f_services.extend_from_slice(&e.rules.filter_services);
+            f_external.extend_from_slice(&e.rules.filter_external);
+            f_nodeports.extend_from_slice(&e.rules.filter_nodeports);
+            f_firewall.extend_from_slice(&e.rules.filter_firewall);
+        }
+        // The tail call to KUBE-NODEPORTS must stay the last rule of KUBE-SERVICES.
+        let np_comment =
+            cmt("kubernetes service nodeports; NOTE: this must be the last rule in this chain");
+        match &self.res.nodeport_ips {
+            None => {
+                let mut dst = String::from("-m addrtype --dst-type LOCAL");
+                if self.cfg.family == Family::V6 {
+                    dst.push_str(" ! -d ::1/128");
+                } else if !self.res.localhost_nodeports {
+                    dst.push_str(" ! -d 127.0.0.0/8");
+                }
+                nat_services.push(rule(
+                    KUBE_SERVICES,
+                    &[
+                        "-m comment --comment",
+                        &np_comment,
+                        &dst,
+                        "-j",
+                        KUBE_NODEPORTS,
+                    ],
+                ));
+            }
+            Some(ips) => {
+                for ip in ips {
+                    if ip.is_loopback() && !self.res.localhost_nodeports {
+                        continue;
+                    }
+                    nat_services.push(rule(
+                        KUBE_SERVICES,
+                        &[
+                            "-m comment --comment",
+                            &np_comment,
+                            "-d",
+                            &ip.to_string(),
+                            "-j",
+                            KUBE_NODEPORTS,
+                        ],
+                    ));
+                }
+            }
+        }
+        let mark = format!("{}/{}", self.res.masq_mark, self.res.masq_mark);
+        let mut forward = Vec::new();
+        if !self.cfg.conntrack_tcp_liberal {
+            forward.push(rule(
+                KUBE_FORWARD,
+                &["-m conntrack --ctstate INVALID -j DROP"],
+            ));
+        }
+        forward.push(rule(
+            KUBE_FORWARD,
+            &[
+                "-m comment --comment",
+                &cmt("kubernetes forwarding rules"),
+                "-m mark --mark",
+                &mark,
+                "-j ACCEPT",
+            ],
+        ));
+        forward.push(rule(
+            KUBE_FORWARD,
+            &[
+                "-m comment --comment",
+                &cmt("kubernetes forwarding conntrack rule"),
+                "-m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT",
+            ],
+        ));
+        let mut postrouting = vec![
+            rule(KUBE_POSTROUTING, &["-m mark ! --mark", &mark, "-j RETURN"]),
+            rule(
+                KUBE_POSTROUTING,
+                &["-j MARK --xor-mark", &self.res.masq_mark],
+            ),
+        ];
+        postrouting.push(rule(
+            KUBE_POSTROUTING,
+            &[
+                "-m comment --comment",
+                &cmt("kubernetes service traffic requiring SNAT"),
+                "-j MASQUERADE",
+                if self.cfg.random_fully {
+                    "--random-fully"
+                } else {
+                    ""
+                },
+            ],
+        ));
+        let mark_masq = vec![rule(
+            KUBE_MARK_MASQ,
+            &["-j MARK --or-mark", &self.res.masq_mark],
+        )];
+
+        let mut out = vec![
+            ("filter", KUBE_SERVICES, f_services),
+            ("filter", KUBE_EXTERNAL_SERVICES, f_external),
+            ("filter", KUBE_FORWARD, forward),
+            ("filter", KUBE_NODEPORTS, f_nodeports),
+            ("filter", KUBE_PROXY_FIREWALL, f_firewall),
+        ];
+        if self.res.localhost_nodeports {
+            // Mitigates the route_localnet hole (upstream issue 90259); kubelet writes
+            // the identical rule.
+            out.push(("filter", KUBELET_FIREWALL, vec![rule(KUBELET_FIREWALL, &["-m comment --comment", &cmt("block incoming localnet connections"), "-d 127.0.0.0/8 ! -s 127.0.0.0/8 -m conntrack ! --ctstate RELATED,ESTABLISHED,DNAT -j DROP"])]));
+        }
+        out.push(("nat", KUBE_SERVICES, nat_services));
+        out.push(("nat", KUBE_NODEPORTS, nat_nodeports));
+        out.push(("nat", KUBE_POSTROUTING, postrouting));
+        out.push(("nat", KUBE_MARK_MASQ, mark_masq));
+        let count = out.iter().map(|(_, _, r)| r.len()).sum();
+        (out, count)
+    }
+
+    /// Render a sync. `full` forces a full sync (also forced after `abort`);
+    /// `saved` is `iptables-save` output of the filter and nat tables, read on full
+    /// syncs to find stale service chains and missing jump rules.
+    pub fn render(&mut self, model: &Model, full: bool, saved: Option<&str>) -> RenderOutput {
+        let full = full || self.needs_full;
+        let mut out = RenderOutput::default();
+        if full {
+            // Forget what we believe is applied; every chain is written.
+            self.top_hashes.clear();
+        }
+        // Pass 1: which service ports changed.
+        let mut live: BTreeSet<ServicePortName> = BTreeSet::new();
+        let mut dirty: Vec<(ServicePortName, ServicePort, u64)> = Vec::new();
+        let mut services = 0;
+        for svc in model.services() {
+            services += 1;
+            let generation = model.generation(&svc.key);
+            for sp in &svc.ports {
+                if sp.cluster_ip(self.cfg.family).is_none() {
+                    continue;
+                }
+                live.insert(sp.name.clone());
+                let stale = match self.cache.get(&sp.name) {
+                    Some(e) => e.generation != generation || e.port != *sp,
+                    None => true,
+                };
+                if stale {
+                    dirty.push((sp.name.clone(), sp.clone(), generation));
+                }
+            }
+        }
+        let removed: Vec<ServicePortName> = self
+            .cache
+            .keys()
+            .filter(|k| !live.contains(*k))
+            .cloned()
+            .collect();
+
+        // Large-cluster mode depends on the total endpoint count; when it flips,
+        // every service port is rendered again.
+        let mut total_endpoints: usize = self
+            .cache
+            .iter()
+            .filter(|(k, _)| live.contains(*k))
+            .map(|(_, e)| e.rules.endpoint_count)
+            .sum();
+        for (spn, _, _) in &dirty {
+            if let Some(e) = self.cache.get(spn) {
+                total_endpoints -= e.rules.endpoint_count;
+            }
+            total_endpoints += model.endpoints(spn, self.cfg.family).len();
+        }
+        let large = total_endpoints > LARGE_CLUSTER_ENDPOINTS;
+        if large != self.large_cluster {
+            self.large_cluster = large;
+            dirty.clear();
+            for svc in model.services() {
+                let generation = model.generation(&svc.key);
+                for sp in &svc.ports {
+                    if live.contains(&sp.name) {
+                        dirty.push((sp.name.clone(), sp.clone(), generation));
+                    }
+                }
+            }
+        }
+
+        let mut chain_text = String::new();
+        let mut chain_decls = String::new();
+        let mut deleted = 0usize;
+        let mut written = 0usize;
+        let mut changed_services: BTreeSet<String> = BTreeSet::new();
+
+        let emit_chain = |decls: &mut String, text: &mut String, name: &str, rules: &[String]| {
+            let _ = writeln!(decls, ":{name} - [0:0]");
+            for r in rules {
+                text.push_str(r);
+                text.push('\n');
+            }
+        };
+
+        // Pass 2: render dirty service ports, emit their changed chains.
+        for (spn, sp, generation) in &dirty {
+            let (rules, local_ready_ips) = self.render_service(sp, model);
+            let new_hashes: HashMap<String, u64> = rules
+                .chains
+                .iter()
+                .map(|(n, r)| (n.clone(), hash_lines(r)))
+                .collect();
+            let old = self.cache.remove(spn);
+            if let Some(old) = &old {
+                if sp.name.protocol == Protocol::Udp {
+                    conntrack_changes(
+                        &mut out.conntrack,
+                        self.cfg.family,
+                        &old.port,
+                        &old.rules,
+                        sp,
+                        &rules,
+                    );
+                }
+                for name in old.chain_hashes.keys() {
+                    if !new_hashes.contains_key(name) && !full {
+                        let _ = writeln!(chain_decls, ":{name} - [0:0]");
+                        let _ = writeln!(chain_text, "-X {name}");
+                        deleted += 1;
+                    }
+                }
+            } else if sp.name.protocol == Protocol::Udp && !rules.reachable.is_empty() {
+                conntrack_gained(&mut out.conntrack, self.cfg.family, sp);
+            }
+            for (name, r) in &rules.chains {
+                let same = !full
+                    && old.as_ref().and_then(|o| o.chain_hashes.get(name)) == new_hashes.get(name);
+                if !same {
+                    emit_chain(&mut chain_decls, &mut chain_text, name, r);
+                    written += 1;
+                    changed_services.insert(spn.service_key());
+                }
+            }
+            if old.as_ref().map(|o| &o.rules) != Some(&rules) {
+                changed_services.insert(spn.service_key());
+            }
+            self.cache.insert(
+                spn.clone(),
+                CacheEntry {
+                    generation: *generation,
+                    rules,
+                    chain_hashes: new_hashes,
+                    spn: spn.clone(),
+                    port: sp.clone(),
+                    local_ready_ips,
+                },
+            );
+        }
+        for spn in &removed {
+            if let Some(old) = self.cache.remove(spn) {
+                changed_services.insert(spn.service_key());
+                if !full {
+                    for name in old.chain_hashes.keys() {
+                        let _ = writeln!(chain_decls, ":{name} - [0:0]");
+                        let _ = writeln!(chain_text, "-X {name}");
+                        deleted += 1;
+                    }
+                }
+                if spn.protocol == Protocol::Udp {
+                    if let Some(ip) = old.port.cluster_ip(self.cfg.family) {
+                        out.conntrack.push(ConntrackCleanup {
+                            kind: "service-ip".into(),
+                            ip: Some(ip.to_string()),
+                            port: old.port.port,
+                            endpoint_ip: None,
+                            protocol: "udp".into(),
+                        });
+                    }
+                }
+            }
+        }
+        // On a full sync, service chains are written for every service port.
+        if full {
+            for e in self.cache.values() {
+                if dirty.iter().any(|(n, _, _)| *n == e.spn) {
+                    continue;
+                }
+                for (name, r) in &e.rules.chains {
+                    emit_chain(&mut chain_decls, &mut chain_text, name, r);
+                    written += 1;
+                }
+            }
+        }
+
+        // Top-level chains: written when their content changed.
+        let (top, top_rules) = self.top_level();
+        let mut filter_decls = String::new();
+        let mut filter_text = String::new();
+        let mut nat_top_decls = String::new();
+        let mut nat_top_text = String::new();
+        let mut filter_rules = 0;
+        let mut nat_rules = 0;
+        for (table, name, rules) in &top {
+            if *table == "filter" {
+                filter_rules += rules.len();
+            } else {
+                nat_rules += rules.len();
+            }
+            let h = hash_lines(rules);
+            if !full && self.top_hashes.get(&(*table, *name)) == Some(&h) {
+                continue;
+            }
+            self.top_hashes.insert((*table, *name), h);
+            written += 1;
+            if *table == "filter" {
+                emit_chain(&mut filter_decls, &mut filter_text, name, rules);
+            } else {
+                emit_chain(&mut nat_top_decls, &mut nat_top_text, name, rules);
+            }
+        }
+        let _ = top_rules;
+        nat_rules += self
+            .cache
+            .values()
+            .map(|e| e.rules.chains.iter().map(|(_, r)| r.len()).sum::<usize>())
+            .sum::<usize>();
+
+        // Full sync: delete stale service chains and add missing jumps found in `saved`.
+        let mut jumps_filter = String::new();
+        let mut jumps_nat = String::new();
+        if full {
+            if let Some(saved) = saved {
+                let existing = parse_saved(saved);
+                let desired: BTreeSet<&str> = self
+                    .cache
+                    .values()
+                    .flat_map(|e| e.rules.chains.iter().map(|(n, _)| n.as_str()))
+                    .collect();
+                if let Some(nat) = existing.get("nat") {
+                    for chain in &nat.chains {
+                        if is_service_chain(chain) && !desired.contains(chain.as_str()) {
+                            let _ = writeln!(chain_decls, ":{chain} - [0:0]");
+                            let _ = writeln!(chain_text, "-X {chain}");
+                            deleted += 1;
+                        }
+                    }
+                }
+                for j in jump_rules(self.res.localhost_nodeports) {
+                    let present = existing.get(j.table).is_some_and(|t| {
+                        t.rules.iter().any(|r| {
+                            r.starts_with(&format!("-A {} ", j.src))
+                                && r.ends_with(&format!("-j {}", j.dst))
+                                && (j.comment.is_empty() || r.contains(&cmt(j.comment)))
+                        })
+                    });
+                    if !present {
+                        let target = if j.table == "filter" {
+                            &mut jumps_filter
+                        } else {
+                            &mut jumps_nat
+                        };
+                        let _ = writeln!(target, "-I {} 1 {}", j.src, j.spec());
+                    }
+                }
+            } else {
+                for j in jump_rules(self.res.localhost_nodeports) {
+                    let target = if j.table == "filter" {
+                        &mut jumps_filter
+                    } else {
+                        &mut jumps_nat
+                    };
+                    let _ = writeln!(target, "-I {} 1 {}", j.src, j.spec());
+                }
+            }
+        }
+
+        let mut text = String::new();
+        if !filter_decls.is_empty() || !jumps_filter.is_empty() {
+            text.push_str("*filter\n");
+            text.push_str(&filter_decls);
+            text.push_str(&filter_text);
+            text.push_str(&jumps_filter);
+            text.push_str("COMMIT\n");
+        }
+        if !nat_top_decls.is_empty() || !chain_decls.is_empty() || !jumps_nat.is_empty() {
+            text.push_str("*nat\n");
+            text.push_str(&nat_top_decls);
+            text.push_str(&chain_decls);
+            text.push_str(&nat_top_text);
+            text.push_str(&chain_text);
+            text.push_str(&jumps_nat);
+            text.push_str("COMMIT\n");
+        }
+        out.text = text;
+
+        let mut hc: BTreeMap<u16, (String, BTreeSet<IpAddr>)> = BTreeMap::new();
+        let mut no_local_int = 0;
+        let mut no_local_ext = 0;
+        for e in self.cache.values() {
+            if e.port.health_check_node_port != 0 {
+                let entry = hc
+                    .entry(e.port.health_check_node_port)
+                    .or_insert_with(|| (e.spn.service_key(), BTreeSet::new()));
+                entry.1.extend(e.local_ready_ips.iter().copied());
+            }
+            no_local_int += e.rules.no_local_internal as usize;
+            no_local_ext += e.rules.no_local_external as usize;
+        }
+        out.health_checks = hc
+            .into_iter()
+            .map(|(port, (service, ips))| HealthCheck {
+                port,
+                service,
+                local_endpoints: ips.len(),
+            })
+            .collect();
+        out.changed_services = changed_services.into_iter().collect();
+        out.stats = RenderStats {
+            full,
+            services,
+            service_ports: self.cache.len(),
+            rendered_service_ports: dirty.len(),
+            endpoints: total_endpoints,
+            filter_rules,
+            nat_rules,
+            written_chains: written,
+            deleted_chains: deleted,
+            no_local_endpoints_internal: no_local_int,
+            no_local_endpoints_external: no_local_ext,
+            large_cluster_mode: self.large_cluster,
+        };
+        // Until commit() says the restore worked, the next render must be full.
+        self.needs_full = true;
+        out
+    }
+}
+
+fn conntrack_gained(out: &mut Vec<ConntrackCleanup>, family: Family, sp: &ServicePort) {
+    // The Service had no endpoints: packets were rejected and conntrack may hold an
+    // entry for the flow that would now blackhole it. Flush flows to its addresses.
+    let mut push = |kind: &str, ip: Option<String>, port: u16| {
+        out.push(ConntrackCleanup {
+            kind: kind.into(),
+            ip,
+            port,
+            endpoint_ip: None,
+            protocol: "udp".into(),
+        })
+    };
+    if let Some(ip) = sp.cluster_ip(family) {
+        push("service-ip", Some(ip.to_string()), sp.port);
+    }
+    for ip in sp.external_ips.iter().chain(sp.load_balancer_ips.iter()) {
+        if Family::of(ip) == family {
+            push("service-ip", Some(ip.to_string()), sp.port);
+        }
+    }
+    if sp.node_port != 0 {
+        push("nodeport", None, sp.node_port);
+    }
+}
+
+fn conntrack_changes(
+    out: &mut Vec<ConntrackCleanup>,
+    family: Family,
+    old_sp: &ServicePort,
+    old: &ServiceRules,
+    sp: &ServicePort,
+    new: &ServiceRules,
+) {
+    if old.reachable.is_empty() && !new.reachable.is_empty() {
+        conntrack_gained(out, family, sp);
+        return;
+    }
+    // Endpoints that went away: flows DNATed to them must not stick.
+    for addr in &old.reachable {
+        if new.reachable.contains(addr) {
+            continue;
+        }
+        let ep_ip = addr
+            .rsplit_once(':')
+            .map(|(h, _)| h.trim_matches(|c| c == '[' || c == ']').to_string());
+        if let Some(ip) = old_sp.cluster_ip(family) {
+            out.push(ConntrackCleanup {
+                kind: "endpoint".into(),
+                ip: Some(ip.to_string()),
+                port: old_sp.port,
+                endpoint_ip: ep_ip.clone(),
+                protocol: "udp".into(),
+            });
+        }
+        for ip in old_sp
+            .external_ips
+            .iter()
+            .chain(old_sp.load_balancer_ips.iter())
+        {
+            if Family::of(ip) == family {
+                out.push(ConntrackCleanup {
+                    kind: "endpoint".into(),
+                    ip: Some(ip.to_string()),
+                    port: old_sp.port,
+                    endpoint_ip: ep_ip.clone(),
+                    protocol: "udp".into(),
+                });
+            }
+        }
+        if old_sp.node_port != 0 {
+            out.push(ConntrackCleanup {
+                kind: "endpoint".into(),
+                ip: None,
+                port: old_sp.node_port,
+                endpoint_ip: ep_ip.clone(),
+                protocol: "udp".into(),
+            });
+        }
+    }
+}
+
+struct Jump {
+    table: &'static str,
+    dst: &'static str,
+    src: &'static str,
+    comment: &'static str,
+    new_only: bool,
+}
+
+impl Jump {
+    fn spec(&self) -> String {
+        let mut s = String::new();
+        if self.new_only {
+            s.push_str("-m conntrack --ctstate NEW ");
+        }
+        if !self.comment.is_empty() {
+            let _ = write!(s, "-m comment --comment {} ", cmt(self.comment));
+        }
+        let _ = write!(s, "-j {}", self.dst);
+        s
+    }
+}
+
+fn jump_rules(kubelet_firewall: bool) -> Vec<Jump> {
+    let j = |table, dst, src, comment, new_only| Jump {
+        table,
+        dst,
+        src,
+        comment,
+        new_only,
+    };
+    let mut v = vec![
+        j(
+            "filter",
+            KUBE_EXTERNAL_SERVICES,
+            "INPUT",
+            "kubernetes externally-visible service portals",
+            true,
+        ),
+        j(
+            "filter",
+            KUBE_EXTERNAL_SERVICES,
+            "FORWARD",
+            "kubernetes externally-visible service portals",
+            true,
+        ),
+        j(
+            "filter",
+            KUBE_NODEPORTS,
+            "INPUT",
+            "kubernetes health check service ports",
+            false,
+        ),
+        j(
+            "filter",
+            KUBE_SERVICES,
+            "FORWARD",
+            "kubernetes service portals",
+            true,
+        ),
+        j(
+            "filter",
+            KUBE_SERVICES,
+            "OUTPUT",
+            "kubernetes service portals",
+            true,
+        ),
+        j(
+            "filter",
+            KUBE_FORWARD,
+            "FORWARD",
+            "kubernetes forwarding rules",
+            false,
+        ),
+        j(
+            "filter",
+            KUBE_PROXY_FIREWALL,
+            "INPUT",
+            "kubernetes load balancer firewall",
+            true,
+        ),
+        j(
+            "filter",
+            KUBE_PROXY_FIREWALL,
+            "OUTPUT",
+            "kubernetes load balancer firewall",
+            true,
+        ),
+        j(
+            "filter",
+            KUBE_PROXY_FIREWALL,
+            "FORWARD",
+            "kubernetes load balancer firewall",
+            true,
+        ),
+        j(
+            "nat",
+            KUBE_SERVICES,
+            "OUTPUT",
+            "kubernetes service portals",
+            false,
+        ),
+        j(
+            "nat",
+            KUBE_SERVICES,
+            "PREROUTING",
+            "kubernetes service portals",
+            false,
+        ),
+        j(
+            "nat",
+            KUBE_POSTROUTING,
+            "POSTROUTING",
+            "kubernetes postrouting rules",
+            false,
+        ),
+    ];
+    if kubelet_firewall {
+        v.push(j("filter", KUBELET_FIREWALL, "INPUT", "", false));
+        v.push(j("filter", KUBELET_FIREWALL, "OUTPUT", "", false));
+    }
+    v
+}
+
+#[derive(Default)]
+struct SavedTable {
+    chains: Vec<String>,
+    rules: Vec<String>,
+}
+
+fn parse_saved(saved: &str) -> HashMap<String, SavedTable> {
+    let mut out: HashMap<String, SavedTable> = HashMap::new();
+    let mut cur: Option<String> = None;
+    for line in saved.lines() {
+        let line = line.trim();
+        if let Some(t) = line.strip_prefix('*') {
+            cur = Some(t.to_string());
+            out.entry(t.to_string()).or_default();
+        } else if line == "COMMIT" {
+            cur = None;
+        } else if let Some(rest) = line.strip_prefix(':') {
+            if let (Some(t), Some(name)) = (&cur, rest.split_whitespace().next()) {
+                out.entry(t.clone())
+                    .or_default()
+                    .chains
+                    .push(name.to_string());
+            }
+        } else if line.starts_with("-A ") {
+            if let Some(t) = &cur {
+                out.entry(t.clone())
+                    .or_default()
+                    .rules
+                    .push(line.to_string());
+            }
+        }
+    }
+    out
+}
+
+const OWN_FILTER_CHAINS: [&str; 5] = [
+    KUBE_SERVICES,
+    KUBE_EXTERNAL_SERVICES,
+    KUBE_FORWARD,
+    KUBE_NODEPORTS,
+    KUBE_PROXY_FIREWALL,
+];
+const OWN_NAT_CHAINS: [&str; 3] = [KUBE_SERVICES, KUBE_NODEPORTS, KUBE_POSTROUTING];
+
+/// `--cleanup`: from `iptables-save` output, the restore input that removes our jump
+/// rules and chains and nothing else (KUBE-MARK-MASQ and KUBE-FIREWALL are shared
+/// with kubelet and stay, as upstream leaves them).
+pub fn render_cleanup(saved: &str) -> String {
+    let tables = parse_saved(saved);
+    let mut text = String::new();
+    for (table, own) in [
+        ("filter", &OWN_FILTER_CHAINS[..]),
+        ("nat", &OWN_NAT_CHAINS[..]),
+    ] {
+        let Some(t) = tables.get(table) else { continue };
+        let doomed: Vec<&String> = t
+            .chains
+            .iter()
+            .filter(|c| own.contains(&c.as_str()) || (table == "nat" && is_service_chain(c)))
+            .collect();
+        if doomed.is_empty() {
+            continue;
+        }
+        let _ = writeln!(text, "*{table}");
+        // Rules in chains that survive but jump into a doomed chain.
+        for r in &t.rules {
+            let mut words = r.split_whitespace();
+            let _ = words.next();
+            let chain = words.next().unwrap_or("");
+            if doomed.iter().any(|d| d.as_str() == chain) {
+                continue;
+            }
+            if let Some(target) = r
+                .rsplit_once(" -j ")
+                .map(|(_, t)| t.split_whitespace().next().unwrap_or(""))
+            {
+                if doomed.iter().any(|d| d.as_str() == target) {
+                    let _ = writeln!(text, "-D {}", &r[3..]);
+                }
+            }
+        }
+        for c in &doomed {
+            let _ = writeln!(text, ":{c} - [0:0]");
+        }
+        for c in &doomed {
+            let _ = writeln!(text, "-X {c}");
+        }
+        text.push_str("COMMIT\n");
+    }
+    text
+}

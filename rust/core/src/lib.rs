@@ -1,0 +1,11 @@
+//! kproxy's core: the Service/EndpointSlice model, endpoint categorisation and rule
+//! rendering. Pure Rust with no Python dependency; `kproxy-py` binds it.
+
+pub mod categorize;
+pub mod error;
+pub mod hash;
+pub mod iptables;
+pub mod model;
+pub mod net;
+
+pub use error::{Error, Result};

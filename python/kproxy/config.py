@@ -1023,8 +1023,9 @@ def load_config(argv: Sequence[str]) -> ProxyConfig:
     still apply (see the module docstring). Raises ConfigError naming the bad flag or
     field.
     """
-    ns = build_parser().parse_args(list(argv))
-    given: dict[str, Any] = vars(ns)
+    parser = build_parser()
+    flag_of = {a.dest: max(a.option_strings, key=len) for a in parser._actions if a.option_strings}
+    given: dict[str, Any] = vars(parser.parse_args(list(argv)))
 
     hostname = given.get("hostname_override")
     if hostname is not None and not hostname.strip():
@@ -1037,7 +1038,7 @@ def load_config(argv: Sequence[str]) -> ProxyConfig:
         if ignored:
             log.warning(
                 "flags ignored because --config is given: %s",
-                ", ".join("--" + k.replace("_", "-") for k in ignored),
+                ", ".join(flag_of.get(k, k) for k in ignored),
             )
         overrides: dict[str, Any] = {}
         if "verbosity" in given:

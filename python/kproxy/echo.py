@@ -119,6 +119,9 @@ def _result(
 def _classify(exc: OSError) -> str:
     if isinstance(exc, (socket.timeout, TimeoutError)):
         return TIMEOUT
+    if exc.errno == errno.EPERM:
+        # A netfilter DROP in the sender's own OUTPUT path fails the send with EPERM.
+        return TIMEOUT
     if exc.errno in _REFUSED_ERRNOS:
         return REFUSED
     return ERROR
@@ -171,7 +174,12 @@ def probe_udp(ip: str, port: int, timeout: float, sport: int = 0) -> dict[str, A
         # connect() so the kernel reports ICMP errors to us as ECONNREFUSED.
         sock.connect((ip, port))
         local = _local_of(sock)
-        sock.send(b"ping\n")
+        try:
+            sock.send(b"ping\n")
+        except PermissionError:
+            # Netfilter in our own OUTPUT path refused the datagram. A REJECT rule still
+            # sends us an ICMP error, which recv() reports; a DROP leaves recv() to time out.
+            pass
         data = sock.recv(2048)
         return _result(ANSWER, local=local, line=data.decode(errors="replace").strip())
     except OSError as exc:

@@ -449,6 +449,13 @@ class Sandbox:
         self._add_netns(node)
         self._add_netns(ext)
         self.sysctl(node, "net.ipv4.ip_forward", "1")
+        # The external client and the node's default gateway share the uplink; redirects
+        # would tell the client to bypass the node, and their per-peer rate limit would
+        # swallow the ICMP errors of REJECT rules. Many probes in a row must each get
+        # their ICMP error, so the node does not rate-limit them either.
+        for key in ("all", "default"):
+            self.sysctl(node, f"net.ipv4.conf.{key}.send_redirects", "0")
+        self.sysctl(node, "net.ipv4.icmp_ratelimit", "0")
         _ip("-n", node, "link", "add", BRIDGE, "type", "bridge")
         _ip("-n", node, "addr", "add", f"{POD_GATEWAY}/24", "dev", BRIDGE)
         _ip("-n", node, "link", "set", BRIDGE, "up")

@@ -89,7 +89,9 @@ def run(cfg: object) -> int:
     node_name = cfg.node_name
     node_obj = source.current_object("Node", node_name)
     node = from_node_object(node_name, node_obj, local_ips())
-    log.info("node %s: IPs %s, pod CIDRs %s, zone %s", node.name, node.ips, node.pod_cidrs, node.zone)
+    log.info(
+        "node %s: IPs %s, pod CIDRs %s, zone %s", node.name, node.ips, node.pod_cidrs, node.zone
+    )
 
     if cfg.mode != "iptables":
         raise KproxyError(f"--proxy-mode {cfg.mode}: not available in this build yet")

@@ -68,6 +68,7 @@ class Proxier:
         self.last_result: Any = None
         self._trigger_times: list[float] = []
         self._lock = threading.Lock()
+        self._pending_node: NodeInfo | None = None
         self.runner = BoundedFrequencyRunner(
             "sync-runner",
             self.sync_proxy_rules,
@@ -155,7 +156,7 @@ class Proxier:
         metrics.SERVICE_CHANGES_PENDING.set(self.tracker.pending("Service"))
         metrics.ENDPOINT_CHANGES_PENDING.set(self.tracker.pending("EndpointSlice"))
         with self._lock:
-            node = getattr(self, "_pending_node", None)
+            node = self._pending_node
             self._pending_node = None
             triggers, self._trigger_times = self._trigger_times, []
         if node is not None:

@@ -14,8 +14,8 @@ from typing import Any
 
 import yaml
 
-from kproxy.errors import ConfigError
 from kproxy import metrics
+from kproxy.errors import ConfigError
 from kproxy.sources import KINDS, Event, Handler, Kind, object_key
 
 log = logging.getLogger("kproxy.manifests")

@@ -194,6 +194,9 @@ struct ServiceRules {
     no_local_external: bool,
 }
 
+/// (table, chain, rules) of a shared top-level chain.
+type TopChain = (&'static str, &'static str, Vec<String>);
+
 struct CacheEntry {
     generation: u64,
     rules: ServiceRules,
@@ -815,7 +818,7 @@ impl IptablesRenderer {
         (r, local_ready_ips)
     }
 
-    fn top_level(&self) -> (Vec<(&'static str, &'static str, Vec<String>)>, usize) {
+    fn top_level(&self) -> Vec<TopChain> {
         let mut nat_services = Vec::new();
         let mut nat_nodeports = Vec::new();
         let mut f_services = Vec::new();
@@ -938,8 +941,7 @@ impl IptablesRenderer {
         out.push(("nat", KUBE_NODEPORTS, nat_nodeports));
         out.push(("nat", KUBE_POSTROUTING, postrouting));
         out.push(("nat", KUBE_MARK_MASQ, mark_masq));
-        let count = out.iter().map(|(_, _, r)| r.len()).sum();
-        (out, count)
+        out
     }
 
     /// Render a sync. `full` forces a full sync (also forced after `abort`);
@@ -1113,7 +1115,7 @@ impl IptablesRenderer {
         }
 
         // Top-level chains: written when their content changed.
-        let (top, top_rules) = self.top_level();
+        let top = self.top_level();
         let mut filter_decls = String::new();
         let mut filter_text = String::new();
         let mut nat_top_decls = String::new();
@@ -1138,7 +1140,6 @@ impl IptablesRenderer {
                 emit_chain(&mut nat_top_decls, &mut nat_top_text, name, rules);
             }
         }
-        let _ = top_rules;
         nat_rules += self
             .cache
             .values()
@@ -1549,4 +1550,157 @@ pub fn render_cleanup(saved: &str) -> String {
         text.push_str("COMMIT\n");
     }
     text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn cfg() -> IptablesConfig {
+        serde_json::from_value(json!({
+            "family": "v4", "node_name": "node1", "node_ips": ["172.18.0.2"],
+            "local_detector": {"kind": "cidr", "cidrs": ["10.244.0.0/16"]}
+        }))
+        .unwrap()
+    }
+
+    fn model(n: usize, eps: usize) -> Model {
+        let mut m = Model::new();
+        for i in 0..n {
+            let svc = json!({"metadata": {"name": format!("s{i}"), "namespace": "ns"},
+                "spec": {"clusterIP": format!("10.96.{}.{}", i / 250, i % 250 + 1),
+                    "ports": [{"name": "p", "port": 80}]}});
+            m.set_service(&format!("ns/s{i}"), Some(&svc)).unwrap();
+            set_slice(&mut m, i, eps, 0);
+        }
+        m
+    }
+
+    fn set_slice(m: &mut Model, i: usize, eps: usize, offset: usize) {
+        let endpoints: Vec<_> = (0..eps)
+            .map(|j| json!({"addresses": [format!("10.244.{}.{}", (i * 4 + j + offset) / 250, (i * 4 + j + offset) % 250 + 1)], "nodeName": "node2"}))
+            .collect();
+        let slice = json!({"metadata": {"name": format!("s{i}-x"), "namespace": "ns",
+            "labels": {"kubernetes.io/service-name": format!("s{i}")}},
+            "addressType": "IPv4", "ports": [{"name": "p", "port": 8080}], "endpoints": endpoints});
+        m.set_endpoint_slice(&format!("ns/s{i}-x"), Some(&slice))
+            .unwrap();
+    }
+
+    #[test]
+    fn full_sync_has_upstream_layout() {
+        let m = model(2, 2);
+        let mut r = IptablesRenderer::new(cfg()).unwrap();
+        let out = r.render(&m, true, None);
+        let t = &out.text;
+        assert!(t.starts_with("*filter\n"));
+        assert!(t.contains("-A KUBE-SERVICES -m comment --comment \"ns/s0:p cluster IP\" -m tcp -p tcp -d 10.96.0.1 --dport 80 -j KUBE-SVC-"));
+        assert!(t.contains("! -s 10.244.0.0/16 -j KUBE-MARK-MASQ"));
+        assert!(t.contains("-m statistic --mode random --probability 0.5000000000 -j KUBE-SEP-"));
+        assert!(t.contains("-j DNAT --to-destination 10.244.0.1:8080"));
+        assert!(t.contains("-A KUBE-POSTROUTING -m mark ! --mark 0x004000/0x004000 -j RETURN"));
+        assert!(t.contains(
+            "-I PREROUTING 1 -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES"
+        ));
+        assert!(t.contains("-A KUBE-SERVICES -m comment --comment \"kubernetes service nodeports; NOTE: this must be the last rule in this chain\" -m addrtype --dst-type LOCAL -j KUBE-NODEPORTS"));
+        assert_eq!(out.stats.service_ports, 2);
+    }
+
+    #[test]
+    fn nothing_changed_writes_nothing() {
+        let m = model(3, 2);
+        let mut r = IptablesRenderer::new(cfg()).unwrap();
+        r.render(&m, true, None);
+        r.commit();
+        let out = r.render(&m, false, None);
+        assert_eq!(out.text, "");
+        assert_eq!(out.stats.rendered_service_ports, 0);
+    }
+
+    #[test]
+    fn endpoint_change_writes_only_that_service() {
+        let mut m = model(50, 2);
+        let mut r = IptablesRenderer::new(cfg()).unwrap();
+        r.render(&m, true, None);
+        r.commit();
+        set_slice(&mut m, 7, 2, 1);
+        let out = r.render(&m, false, None);
+        r.commit();
+        assert!(!out.text.contains(":KUBE-SERVICES"), "{}", out.text);
+        assert!(!out.text.contains("*filter"));
+        let svc = service_chains(&m.service("ns/s7").unwrap().ports[0].name).cluster;
+        assert!(out.text.contains(&format!(":{svc} - [0:0]")));
+        // One endpoint replaced: one SEP chain deleted, one added.
+        assert_eq!(out.text.matches("-X KUBE-SEP-").count(), 1, "{}", out.text);
+        assert_eq!(out.changed_services, vec!["ns/s7".to_string()]);
+    }
+
+    #[test]
+    fn no_endpoints_rejects_in_filter_and_recovers() {
+        let mut m = model(2, 2);
+        let mut r = IptablesRenderer::new(cfg()).unwrap();
+        r.render(&m, true, None);
+        r.commit();
+        m.set_endpoint_slice("ns/s1-x", None).unwrap();
+        let out = r.render(&m, false, None);
+        r.commit();
+        assert!(
+            out.text.contains(
+                "ns/s1:p has no endpoints\" -m tcp -p tcp -d 10.96.0.2 --dport 80 -j REJECT"
+            ),
+            "{}",
+            out.text
+        );
+        assert!(out.text.contains("-X KUBE-SVC-"));
+        set_slice(&mut m, 1, 1, 0);
+        let out = r.render(&m, false, None);
+        assert!(!out.text.contains("REJECT"));
+    }
+
+    #[test]
+    fn failed_restore_forces_full() {
+        let mut m = model(2, 1);
+        let mut r = IptablesRenderer::new(cfg()).unwrap();
+        r.render(&m, true, None);
+        // No commit: the restore failed.
+        set_slice(&mut m, 0, 2, 0);
+        let out = r.render(&m, false, None);
+        assert!(out.stats.full);
+        assert!(out.text.contains(":KUBE-SERVICES - [0:0]"));
+    }
+
+    #[test]
+    fn full_sync_deletes_stale_chains_and_keeps_existing_jumps() {
+        let m = model(1, 1);
+        let mut r = IptablesRenderer::new(cfg()).unwrap();
+        let saved = "*nat\n:PREROUTING ACCEPT [0:0]\n:KUBE-SVC-STALESTALESTALE1 - [0:0]\n:OTHER - [0:0]\n-A PREROUTING -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES\nCOMMIT\n";
+        let out = r.render(&m, true, Some(saved));
+        assert!(out.text.contains("-X KUBE-SVC-STALESTALESTALE1"));
+        assert!(!out.text.contains("-X OTHER"));
+        assert!(!out.text.contains("-I PREROUTING"));
+        assert!(out.text.contains(
+            "-I OUTPUT 1 -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES"
+        ));
+    }
+
+    #[test]
+    fn cleanup_removes_only_ours() {
+        let saved = "*nat\n:PREROUTING ACCEPT [0:0]\n:KUBE-SERVICES - [0:0]\n:KUBE-SVC-AAAA - [0:0]\n:KUBE-MARK-MASQ - [0:0]\n:MINE - [0:0]\n-A PREROUTING -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES\n-A PREROUTING -j MINE\n-A KUBE-SERVICES -j KUBE-SVC-AAAA\nCOMMIT\n";
+        let text = render_cleanup(saved);
+        assert!(text.contains(
+            "-D PREROUTING -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES"
+        ));
+        assert!(text.contains("-X KUBE-SERVICES") && text.contains("-X KUBE-SVC-AAAA"));
+        assert!(!text.contains("MINE") && !text.contains("-X KUBE-MARK-MASQ"));
+    }
+
+    #[test]
+    fn large_cluster_mode_drops_endpoint_comments() {
+        let m = model(300, 4);
+        let mut r = IptablesRenderer::new(cfg()).unwrap();
+        let out = r.render(&m, true, None);
+        assert!(out.stats.large_cluster_mode);
+        assert!(!out.text.contains("-> 10.244"));
+    }
 }

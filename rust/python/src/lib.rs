@@ -45,7 +45,12 @@ impl Model {
 
     /// Set a Service from its JSON, or delete it with None. Returns warnings.
     #[pyo3(signature = (key, obj))]
-    fn set_service(&mut self, py: Python<'_>, key: &str, obj: Option<&str>) -> PyResult<Vec<String>> {
+    fn set_service(
+        &mut self,
+        py: Python<'_>,
+        key: &str,
+        obj: Option<&str>,
+    ) -> PyResult<Vec<String>> {
         let value = obj.map(|s| parse_json(py, s)).transpose()?;
         let warnings = self
             .inner
@@ -56,7 +61,12 @@ impl Model {
 
     /// Set an EndpointSlice from its JSON, or delete it with None. Returns warnings.
     #[pyo3(signature = (key, obj))]
-    fn set_endpoint_slice(&mut self, py: Python<'_>, key: &str, obj: Option<&str>) -> PyResult<Vec<String>> {
+    fn set_endpoint_slice(
+        &mut self,
+        py: Python<'_>,
+        key: &str,
+        obj: Option<&str>,
+    ) -> PyResult<Vec<String>> {
         let value = obj.map(|s| parse_json(py, s)).transpose()?;
         let warnings = self
             .inner
@@ -92,7 +102,13 @@ impl IptablesRenderer {
 
     /// Render a sync: returns (restore text, JSON of stats/conntrack/health checks).
     #[pyo3(signature = (model, full=false, saved=None))]
-    fn render(&mut self, py: Python<'_>, model: PyRef<'_, Model>, full: bool, saved: Option<String>) -> PyResult<(String, String)> {
+    fn render(
+        &mut self,
+        py: Python<'_>,
+        model: PyRef<'_, Model>,
+        full: bool,
+        saved: Option<String>,
+    ) -> PyResult<(String, String)> {
         let m = &model.inner;
         let inner = &mut self.inner;
         let out = py.allow_threads(|| inner.render(m, full, saved.as_deref()));
@@ -129,7 +145,12 @@ fn iptables_cleanup(py: Python<'_>, saved: &str) -> String {
 
 /// The chain names upstream derives for a service port.
 #[pyfunction]
-fn service_chain_names(namespace: &str, name: &str, port: &str, protocol: &str) -> PyResult<(String, String, String, String)> {
+fn service_chain_names(
+    namespace: &str,
+    name: &str,
+    port: &str,
+    protocol: &str,
+) -> PyResult<(String, String, String, String)> {
     let protocol = kproxy_core::model::Protocol::parse(protocol)
         .ok_or_else(|| PyValueError::new_err(format!("unsupported protocol {protocol:?}")))?;
     let spn = kproxy_core::model::ServicePortName {

@@ -83,7 +83,9 @@ class Netns:
     def get(self, url: str) -> tuple[int, str]:
         code = (
             "import sys,urllib.request,urllib.error\n"
-            "try:\n r=urllib.request.urlopen(sys.argv[1],timeout=2); print(r.status); print(r.read().decode())\n"
+            "try:\n"
+            " r = urllib.request.urlopen(sys.argv[1], timeout=2)\n"
+            " print(r.status); print(r.read().decode())\n"
             "except urllib.error.HTTPError as e: print(e.code); print(e.read().decode())\n"
         )
         out = self.run(sys.executable, "-c", code, url)
@@ -275,7 +277,10 @@ def test_restore_failure_is_counted_and_retried_full(netns: Netns, tmp_path: Pat
     ).stdout.strip()
     wrapper = bindir / "iptables-nft-restore"
     wrapper.write_text(
-        f"#!/bin/sh\nif [ ! -e {marker} ]; then touch {marker}; cat >/dev/null; echo 'iptables-restore: line 3 failed' >&2; exit 1; fi\nexec {real} \"$@\"\n"
+        "#!/bin/sh\n"
+        f"if [ ! -e {marker} ]; then touch {marker}; cat >/dev/null;"
+        " echo 'iptables-restore: line 3 failed' >&2; exit 1; fi\n"
+        f'exec {real} "$@"\n'
     )
     wrapper.chmod(0o755)
     manifests = tmp_path / "m"

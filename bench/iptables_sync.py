@@ -33,6 +33,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from datetime import datetime, timezone
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -164,7 +165,7 @@ def run_case(args: argparse.Namespace) -> None:
     k, last = 0, 0.0
     while budget.fits(k, args.repeats, 1, last, deadline):
         renderer = _core.IptablesRenderer(config_json)
-        (text, meta_json), last = _timed("render_full", lambda r=renderer: r.render(model, True))
+        (text, meta_json), last = _timed("render_full", partial(renderer.render, model, True))
         meta = json.loads(meta_json)
         k += 1
     if not text:
@@ -187,9 +188,9 @@ def run_case(args: argparse.Namespace) -> None:
             backend = _make_backend()
             recorder = _Recorder(backend.renderers[4])
             backend.renderers[4] = recorder
-            _timed("sync_full", lambda b=backend: b.sync(model, True))
+            _timed("sync_full", partial(backend.sync, model, True))
             with netns.fresh():
-                _timed("restore_raw", lambda b=backend: run_restore(b.tools[4], text))
+                _timed("restore_raw", partial(run_restore, backend.tools[4], text))
             last = time.monotonic() - t0
             k += 1
         if k == 0:
@@ -208,7 +209,7 @@ def run_case(args: argparse.Namespace) -> None:
             i = (n // 2 + k * 7919) % n
             obj = gen.endpoint_slice(i, m, change=k)
             model.set_endpoint_slice(gen.slice_key(i), json.dumps(obj))
-            result, wall = _timed("sync_partial", lambda b=backend: b.sync(model, False))
+            result, wall = _timed("sync_partial", partial(backend.sync, model, False))
             st = result.stats["ipv4"]
             _emit({"metric": "sync_partial_render", "wall": st["render_seconds"]})
             _emit({"metric": "sync_partial_restore", "wall": wall - st["render_seconds"]})
@@ -221,7 +222,7 @@ def run_case(args: argparse.Namespace) -> None:
             up = upstream_partial(tables, chains)
             _timed(
                 "restore_upstream_partial",
-                lambda b=backend, u=up: run_restore(b.tools[4], u),
+                partial(run_restore, backend.tools[4], up),
                 bytes=len(up),
             )
             last = time.monotonic() - t0

@@ -72,31 +72,20 @@ def run(cfg: object) -> int:
     from kproxy import server
     from kproxy.config import ProxyConfig
     from kproxy.daemon import Proxier
-    from kproxy.dataplane import leftovers
-    from kproxy.dataplane.iptables import IptablesBackend
+    from kproxy.dataplane import create_backend, leftovers
     from kproxy.healthcheck import ServiceHealthServer
     from kproxy.node import from_node_object, local_ips, nodeport_ips
-    from kproxy.sources.manifests import ManifestSource
+    from kproxy.sources import create_source
 
     assert isinstance(cfg, ProxyConfig)
-    if not cfg.manifests:
-        raise ConfigError(
-            "no source of cluster state: pass --manifests PATH (the API-server source is "
-            "not available in this build yet)"
-        )
-    source = ManifestSource(list(cfg.manifests))
-    source.poll()
+    source = create_source(cfg)
     node_name = cfg.node_name
-    node_obj = source.current_object("Node", node_name)
-    node = from_node_object(node_name, node_obj, local_ips())
+    node = from_node_object(node_name, source.node_object(node_name), local_ips())
     log.info(
         "node %s: IPs %s, pod CIDRs %s, zone %s", node.name, node.ips, node.pod_cidrs, node.zone
     )
-
-    if cfg.mode != "iptables":
-        raise KproxyError(f"--proxy-mode {cfg.mode}: not available in this build yet")
     families = (4, 6) if node.ips_of(6) or any(":" in c for c in cfg.cluster_cidrs) else (4,)
-    backend = IptablesBackend(cfg, node, families)
+    backend = create_backend(cfg, node, families)
     leftovers.remove_other_modes(cfg.mode)
 
     health = server.ProxyHealthState(health_timeout=cfg.health_timeout)

@@ -5,6 +5,7 @@ only what changed; `cleanup` removes everything it could ever have created."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -32,3 +33,28 @@ class Backend(Protocol):
 
     def cleanup(self) -> bool:
         """Remove everything this mode creates; True when something failed."""
+
+
+#: proxy mode -> factory(cfg, node, families) -> Backend. Each mode's module
+#: registers itself here; `create_backend` is the only place the daemon picks one.
+BackendFactory = Callable[[Any, NodeInfo, tuple[int, ...]], Backend]
+
+
+def _iptables(cfg: Any, node: NodeInfo, families: tuple[int, ...]) -> Backend:
+    from kproxy.dataplane.iptables import IptablesBackend
+
+    return IptablesBackend(cfg, node, families)
+
+
+FACTORIES: dict[str, BackendFactory] = {
+    "iptables": _iptables,
+}
+
+
+def create_backend(cfg: Any, node: NodeInfo, families: tuple[int, ...]) -> Backend:
+    from kproxy.errors import KproxyError
+
+    factory = FACTORIES.get(cfg.mode)
+    if factory is None:
+        raise KproxyError(f"--proxy-mode {cfg.mode}: not available in this build yet")
+    return factory(cfg, node, families)

@@ -44,3 +44,32 @@ def object_key(obj: dict[str, Any]) -> str:
 
 
 LogFn = Callable[[str], None]
+
+
+class InitialState(Protocol):
+    """What the daemon needs from a source before it starts: this node's object."""
+
+    def node_object(self, name: str) -> dict[str, object] | None:
+        """The Node named `name`, or None when the source has none."""
+
+
+class StartableSource(Source, InitialState, Protocol):
+    pass
+
+
+def create_source(cfg: Any) -> StartableSource:
+    """The one source of cluster state the configuration asks for (SPEC): manifests
+    when --manifests is given, else the API server (--kubeconfig, --master, or
+    in-cluster config)."""
+    from kproxy.errors import ConfigError
+
+    if cfg.manifests:
+        from kproxy.sources.manifests import ManifestSource
+
+        src = ManifestSource(list(cfg.manifests))
+        src.poll()
+        return src
+    raise ConfigError(
+        "no source of cluster state: pass --manifests PATH (the API-server source is "
+        "not available in this build yet)"
+    )

@@ -154,6 +154,9 @@ class ManifestSource:
     def current_object(self, kind: Kind, key: str) -> dict[str, Any] | None:
         return self._current.get((kind, key))
 
+    def node_object(self, name: str) -> dict[str, Any] | None:
+        return self._current.get(("Node", name))
+
     def run(self, handler: Handler, stop: threading.Event) -> None:
         if self.poll() is None:
             pass

@@ -117,14 +117,18 @@ def write(dir: Path, name: str, docs: list[object] | str) -> Path:
 
 
 def start(
-    ns: Netns, manifests: Path, log: Path, env: dict[str, str] | None = None
+    ns: Netns,
+    manifests: Path,
+    log: Path,
+    env: dict[str, str] | None = None,
+    extra: list[str] | None = None,
 ) -> subprocess.Popen[bytes]:
     argv = [
         "ip", "netns", "exec", ns.name, sys.executable, "-m", "kproxy",
         "--manifests", str(manifests), "--hostname-override", "node1",
         "--cluster-cidr", "10.244.0.0/16",
         "--healthz-bind-address", "127.0.0.1:10256",
-        "--metrics-bind-address", "127.0.0.1:10249", "-v", "2",
+        "--metrics-bind-address", "127.0.0.1:10249", "-v", "2", *(extra or []),
     ]  # fmt: skip
     full_env = dict(os.environ, KPROXY_IPTABLES_BACKEND="nft", **(env or {}))
     proc = subprocess.Popen(argv, stdout=log.open("wb"), stderr=subprocess.STDOUT, env=full_env)
@@ -294,6 +298,25 @@ def test_restore_failure_is_counted_and_retried_full(netns: Netns, tmp_path: Pat
         _, metrics = netns.get("http://127.0.0.1:10249/metrics")
         assert "kubeproxy_sync_proxy_rules_iptables_restore_failures_total 1" in metrics, metrics
         assert "retrying as a full sync" in (tmp_path / "log").read_text()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=10)
+
+
+@pytest.mark.kernel
+def test_flushed_tables_are_repaired(netns: Netns, tmp_path: Path) -> None:
+    write(tmp_path, "svc.yaml", [GOOD_SVC, GOOD_SLICE])
+    log = tmp_path / "log"
+    argv_extra = ["--iptables-sync-period", "2s"]
+    proc = start(netns, tmp_path, log, extra=argv_extra)
+    try:
+        wait_for(lambda: "10.244.0.10:8080" in netns.save(), "rules")
+        netns.run("iptables-nft", "-t", "nat", "-F")
+        netns.run("iptables-nft", "-t", "nat", "-X")
+        assert "KUBE-SERVICES" not in netns.run("iptables-nft-save", "-t", "nat")
+        wait_for(lambda: "10.244.0.10:8080" in netns.save(), "rules restored", timeout=30)
+        assert "-A PREROUTING -m comment --comment" in netns.save()
+        assert "KUBE-PROXY-CANARY is gone" in log.read_text()
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=10)

@@ -25,6 +25,7 @@ from kproxy.node import NodeInfo, nodeport_ips
 log = logging.getLogger("kproxy.iptables")
 
 ROUTE_LOCALNET = Path("/proc/sys/net/ipv4/conf/all/route_localnet")
+CANARY = "KUBE-PROXY-CANARY"
 TCP_BE_LIBERAL = Path("/proc/sys/net/netfilter/nf_conntrack_tcp_be_liberal")
 
 
@@ -143,6 +144,7 @@ class IptablesBackend:
         self.families = families
         self.tools = {f: Tools(f, self.backend) for f in families}
         self.renderers: dict[int, Any] = {}
+        self._last_drift_check = time.monotonic()
         for f in families:
             self.renderers[f] = _core.IptablesRenderer(json.dumps(self.render_config(f)))
         log.info("iptables mode on the %s backend, families %s", self.backend, families)
@@ -197,11 +199,31 @@ class IptablesBackend:
         for f, r in self.renderers.items():
             r.set_config(json.dumps(self.render_config(f)))
 
+    def canary_present(self, family: int) -> bool:
+        """False when someone flushed our tables since the last full sync."""
+        tools = self.tools[family]
+        for table in ("nat", "filter"):
+            proc = subprocess.run(
+                [tools.iptables, "-w", "5", "-t", table, "-S", CANARY],
+                capture_output=True,
+                timeout=60,
+                check=False,
+            )
+            if proc.returncode != 0:
+                return False
+        return True
+
     def sync(self, model: Any, full: bool) -> SyncResult:
         result = SyncResult(full=full, changed=False)
+        check_drift = time.monotonic() - self._last_drift_check >= self.cfg.sync_period
+        if check_drift:
+            self._last_drift_check = time.monotonic()
         for family, renderer in self.renderers.items():
             tools = self.tools[family]
             do_full = full or renderer.needs_full
+            if not do_full and check_drift and not self.canary_present(family):
+                log.warning("KUBE-PROXY-CANARY is gone (tables flushed?): full sync")
+                do_full = True
             saved = run_save(tools) if do_full else None
             t0 = time.monotonic()
             text, meta_json = renderer.render(model, do_full, saved)

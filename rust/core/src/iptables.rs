@@ -28,6 +28,9 @@ pub const KUBE_MARK_MASQ: &str = "KUBE-MARK-MASQ";
 pub const KUBE_FORWARD: &str = "KUBE-FORWARD";
 pub const KUBE_PROXY_FIREWALL: &str = "KUBE-PROXY-FIREWALL";
 pub const KUBELET_FIREWALL: &str = "KUBE-FIREWALL";
+/// An empty chain written on full syncs; its absence means someone flushed the
+/// table, and the next sync must be full (upstream's iptables Monitor).
+pub const KUBE_PROXY_CANARY: &str = "KUBE-PROXY-CANARY";
 
 const SERVICE_CHAIN_PREFIXES: [&str; 5] = [
     "KUBE-SVC-",
@@ -937,6 +940,8 @@ impl IptablesRenderer {
             // the identical rule.
             out.push(("filter", KUBELET_FIREWALL, vec![rule(KUBELET_FIREWALL, &["-m comment --comment", &cmt("block incoming localnet connections"), "-d 127.0.0.0/8 ! -s 127.0.0.0/8 -m conntrack ! --ctstate RELATED,ESTABLISHED,DNAT -j DROP"])]));
         }
+        out.push(("filter", KUBE_PROXY_CANARY, Vec::new()));
+        out.push(("nat", KUBE_PROXY_CANARY, Vec::new()));
         out.push(("nat", KUBE_SERVICES, nat_services));
         out.push(("nat", KUBE_NODEPORTS, nat_nodeports));
         out.push(("nat", KUBE_POSTROUTING, postrouting));
@@ -1495,14 +1500,20 @@ fn parse_saved(saved: &str) -> HashMap<String, SavedTable> {
     out
 }
 
-const OWN_FILTER_CHAINS: [&str; 5] = [
+const OWN_FILTER_CHAINS: [&str; 6] = [
     KUBE_SERVICES,
     KUBE_EXTERNAL_SERVICES,
     KUBE_FORWARD,
     KUBE_NODEPORTS,
     KUBE_PROXY_FIREWALL,
+    KUBE_PROXY_CANARY,
 ];
-const OWN_NAT_CHAINS: [&str; 3] = [KUBE_SERVICES, KUBE_NODEPORTS, KUBE_POSTROUTING];
+const OWN_NAT_CHAINS: [&str; 4] = [
+    KUBE_SERVICES,
+    KUBE_NODEPORTS,
+    KUBE_POSTROUTING,
+    KUBE_PROXY_CANARY,
+];
 
 /// `--cleanup`: from `iptables-save` output, the restore input that removes our jump
 /// rules and chains and nothing else (KUBE-MARK-MASQ and KUBE-FIREWALL are shared

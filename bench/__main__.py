@@ -1,9 +1,11 @@
-"""`python -m bench [iptables|gen] ...`; with no subcommand, the iptables benchmark."""
+"""`python -m bench [iptables|gen|table] ...`; with no subcommand, the iptables benchmark."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+from pathlib import Path
 
 from bench import gen, iptables_sync
 
@@ -56,6 +58,9 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--endpoints", type=int, default=2)
     g.add_argument("-o", "--output", required=True)
 
+    t = sub.add_parser("table", help="print the markdown table of a results file")
+    t.add_argument("results", nargs="?", default=str(iptables_sync.RESULTS / "iptables.json"))
+
     case = sub.add_parser("_iptables-case", help=argparse.SUPPRESS)
     case.add_argument("--backend", choices=iptables_sync.BACKENDS, required=True)
     case.add_argument("--services", type=int, required=True)
@@ -72,6 +77,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "gen":
         path = gen.write_manifests(args.output, args.services, args.endpoints)
         print(f"wrote {args.services} Services x {args.endpoints} endpoints to {path}")
+        return 0
+    if args.command == "table":
+        results = json.loads(Path(args.results).read_text())
+        print(iptables_sync.markdown_table(results), end="")
         return 0
     if args.command == "_iptables-case":
         iptables_sync.run_case(args)

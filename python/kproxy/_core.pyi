@@ -2,8 +2,18 @@
 
 from typing import final
 
+_RouteTuple = tuple[str, list[str], bool, str, str | None]
+
 __version__: str
-__all__ = ["IptablesRenderer", "Model", "__version__", "iptables_cleanup", "service_chain_names"]
+__all__ = [
+    "IptablesRenderer",
+    "Model",
+    "RouteTable",
+    "Selector",
+    "__version__",
+    "iptables_cleanup",
+    "service_chain_names",
+]
 
 @final
 class Model:
@@ -38,3 +48,78 @@ def service_chain_names(
     namespace: str, name: str, port: str, protocol: str
 ) -> tuple[str, str, str, str]:
     """(KUBE-SVC-*, KUBE-SVL-*, KUBE-EXT-*, KUBE-FW-*) of a service port."""
+
+@final
+class Selector:
+    """One service port's endpoint selection: an algorithm ("random", "round-robin",
+    "least-conn", "source-hash", "maglev"), live connection counts and optional ClientIP
+    session affinity. Weights are integers in [0, 1000000]; 0 drains an endpoint.
+    Bad input raises kproxy.ConfigError."""
+
+    def __new__(
+        cls,
+        algorithm: str,
+        endpoints: list[str],
+        weights: list[int] | None = None,
+        *,
+        table_size: int = 16381,
+        seed: int = 0,
+        affinity_timeout: float | None = None,
+        affinity_capacity: int = 65536,
+    ) -> Selector: ...
+    def set_endpoints(self, endpoints: list[str], weights: list[int] | None = None) -> bool:
+        """Replace the endpoints; False (all state kept) when unchanged."""
+    def pick(self, src_ip: str, now: float | None = None) -> str:
+        """One endpoint for a new flow (counted as a connection); NoRouteError when empty."""
+    def pick_many(self, src_ips: list[str], now: float | None = None) -> list[str]:
+        """`pick` for many flows, without the GIL."""
+    def release(self, endpoint: str) -> None:
+        """A connection to `endpoint` ended."""
+    def set_connections(self, counts: dict[str, int]) -> None:
+        """Replace the live connection counts (endpoints not named get 0)."""
+    def connections(self) -> dict[str, int]: ...
+    def maglev_table(self) -> list[str] | None:
+        """Maglev's lookup table as endpoint per slot (None for other algorithms)."""
+    @property
+    def algorithm(self) -> str: ...
+    @property
+    def endpoints(self) -> list[str]: ...
+    @property
+    def rebuilds(self) -> int: ...
+    @property
+    def affinity_entries(self) -> int: ...
+
+@final
+class RouteTable:
+    """Services and endpoints as seen from one node (use kproxy.ServiceTable)."""
+
+    def __new__(
+        cls,
+        node_name: str,
+        *,
+        zone: str | None = None,
+        cluster_cidrs: list[str] = ...,
+        node_ips: list[str] = ...,
+        masquerade_all: bool = False,
+        localhost_nodeports: bool = True,
+        default_algorithm: str = "random",
+    ) -> RouteTable: ...
+    def set_service(self, key: str, obj: str | None) -> list[str]: ...
+    def set_endpoint_slice(self, key: str, obj: str | None) -> list[str]: ...
+    def lookup(
+        self, protocol: str, dst_ip: str, dst_port: int, src_ip: str, origin: str
+    ) -> _RouteTuple:
+        """(verdict, endpoints, masquerade, reason, service)."""
+    def lookup_many(self, flows: list[tuple[str, str, int, str, str]]) -> list[_RouteTuple]:
+        """`lookup` for many flows, without the GIL."""
+    def pick(
+        self,
+        protocol: str,
+        dst_ip: str,
+        dst_port: int,
+        src_ip: str,
+        origin: str,
+        now: float | None = None,
+    ) -> tuple[_RouteTuple, str | None]: ...
+    def algorithms(self) -> dict[str, str]: ...
+    def __len__(self) -> int: ...

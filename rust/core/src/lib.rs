@@ -3,9 +3,12 @@
 
 pub mod categorize;
 pub mod error;
+pub mod forwarder;
 pub mod hash;
 pub mod iptables;
+pub mod lookup;
 pub mod model;
 pub mod net;
+pub mod selection;
 
 pub use error::{Error, Result};

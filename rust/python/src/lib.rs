@@ -9,8 +9,10 @@ use kproxy_core::iptables::{render_cleanup, IptablesConfig, IptablesRenderer as 
 use kproxy_core::model::Model as CoreModel;
 use kproxy_core::Error;
 
+mod selection;
+
 /// The one error funnel: core errors become kproxy's Python exceptions.
-fn to_py(py: Python<'_>, e: Error) -> PyErr {
+pub(crate) fn to_py(py: Python<'_>, e: Error) -> PyErr {
     let class = match &e {
         Error::InvalidConfig { .. } => "ConfigError",
         Error::InvalidObject { .. } | Error::Json(_) => "ObjectError",
@@ -169,6 +171,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<IptablesRenderer>()?;
     m.add_function(wrap_pyfunction!(iptables_cleanup, m)?)?;
     m.add_function(wrap_pyfunction!(service_chain_names, m)?)?;
+    selection::register(m)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())
 }

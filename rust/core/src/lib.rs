@@ -3,7 +3,6 @@
 
 pub mod categorize;
 pub mod error;
-pub mod forwarder;
 pub mod hash;
 pub mod iptables;
 pub mod lookup;

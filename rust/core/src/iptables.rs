@@ -1706,6 +1706,52 @@ mod tests {
         assert!(!text.contains("MINE") && !text.contains("-X KUBE-MARK-MASQ"));
     }
 
+    fn render_with(extra: serde_json::Value) -> String {
+        let mut c = serde_json::to_value(cfg()).unwrap();
+        for (k, v) in extra.as_object().unwrap() {
+            c[k] = v.clone();
+        }
+        let mut r = IptablesRenderer::new(serde_json::from_value(c).unwrap()).unwrap();
+        r.render(&model(1, 1), true, None).text
+    }
+
+    #[test]
+    fn detect_local_modes() {
+        let t = render_with(json!({"local_detector": {"kind": "interface", "name": "cbr0"}}));
+        assert!(t.contains("! -i cbr0 -j KUBE-MARK-MASQ"), "{t}");
+        let t = render_with(json!({"local_detector": {"kind": "prefix", "prefix": "veth"}}));
+        assert!(t.contains("! -i veth+ -j KUBE-MARK-MASQ"), "{t}");
+        let t = render_with(json!({"local_detector": {"kind": "none"}}));
+        assert!(!t.contains("-d 10.96.0.1 --dport 80 ! -s"), "{t}");
+        let t = render_with(json!({"masquerade_all": true}));
+        assert!(
+            t.contains("-d 10.96.0.1 --dport 80 -j KUBE-MARK-MASQ"),
+            "{t}"
+        );
+    }
+
+    #[test]
+    fn nodeport_addresses_and_masquerade_bit() {
+        let t = render_with(
+            json!({"nodeport_addresses": ["172.18.0.2", "127.0.0.1"], "localhost_nodeports": false, "masquerade_bit": 5}),
+        );
+        assert!(t.contains("-d 172.18.0.2 -j KUBE-NODEPORTS"), "{t}");
+        assert!(!t.contains("-d 127.0.0.1 -j KUBE-NODEPORTS"), "{t}");
+        assert!(!t.contains("--dst-type LOCAL -j KUBE-NODEPORTS"));
+        assert!(!t.contains("KUBE-FIREWALL"));
+        assert!(t.contains("--or-mark 0x000020"), "{t}");
+        let t = render_with(json!({"localhost_nodeports": false}));
+        assert!(
+            t.contains("--dst-type LOCAL ! -d 127.0.0.0/8 -j KUBE-NODEPORTS"),
+            "{t}"
+        );
+        assert!(IptablesRenderer::new(
+            serde_json::from_value(json!({"family": "v4", "node_name": "n", "masquerade_bit": 32}))
+                .unwrap()
+        )
+        .is_err());
+    }
+
     #[test]
     fn large_cluster_mode_drops_endpoint_comments() {
         let m = model(300, 4);

@@ -11,8 +11,12 @@ import sys
 import threading
 from collections.abc import Sequence
 from types import FrameType
+from typing import TYPE_CHECKING
 
 from kproxy.errors import ConfigError, KproxyError
+
+if TYPE_CHECKING:
+    from kproxy.sources.apiserver import ApiServerSource
 
 log = logging.getLogger("kproxy")
 
@@ -74,7 +78,7 @@ def run(cfg: object) -> int:
     from kproxy.daemon import Proxier
     from kproxy.dataplane import create_backend, leftovers
     from kproxy.healthcheck import ServiceHealthServer
-    from kproxy.node import from_node_object, local_ips, nodeport_ips
+    from kproxy.node import NodeInfo, from_node_object, local_ips, nodeport_ips
     from kproxy.sources import create_source
 
     assert isinstance(cfg, ProxyConfig)
@@ -91,10 +95,32 @@ def run(cfg: object) -> int:
     health = server.ProxyHealthState(health_timeout=cfg.health_timeout)
     servers = server.start(cfg, health)
     hc_ips = nodeport_ips(tuple(cfg.nodeport_addresses), node) or []
-    service_health = ServiceHealthServer(hc_ips, health)
-    proxier = Proxier(cfg, backend, node, health, service_health)
-
     stop = threading.Event()
+    restart = threading.Event()
+    api_source = _api_source(source)
+    service_health = ServiceHealthServer(hc_ips, health)
+    if api_source is not None:
+        from kproxy.sources.apiserver import RecordingServiceHealthServer
+
+        api_source.health = health
+        recorder = api_source.recorder
+        service_health = RecordingServiceHealthServer(hc_ips, health, recorder)
+        recorder.event(recorder.node_ref(), "Normal", "Starting", "StartKubeProxy")
+
+    def on_node_change(old: NodeInfo, new: NodeInfo) -> None:
+        # Upstream's NodeManager: node IPs (and, with detect-local-mode NodeCIDR, pod
+        # CIDRs) are fixed for the process's life; a change exits so that the kubelet
+        # restarts kube-proxy with the new values. A deleted Node keeps its old IPs here.
+        watch_cidrs = cfg.detect_local_mode == "NodeCIDR"
+        if new.ips != old.ips or (watch_cidrs and new.pod_cidrs and new.pod_cidrs != old.pod_cidrs):
+            log.error(
+                "node %s: IPs %s -> %s, pod CIDRs %s -> %s; exiting to restart",
+                new.name, old.ips, new.ips, old.pod_cidrs, new.pod_cidrs,
+            )  # fmt: skip
+            restart.set()
+            stop.set()
+
+    proxier = Proxier(cfg, backend, node, health, service_health, on_node_change)
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:
         log.info("received signal %d, exiting (rules stay in place)", signum)
@@ -119,4 +145,10 @@ def run(cfg: object) -> int:
         t.join(timeout=4.0)
     servers.close()
     service_health.close()
-    return 0
+    return 1 if restart.is_set() else 0
+
+
+def _api_source(source: object) -> ApiServerSource | None:
+    from kproxy.sources.apiserver import ApiServerSource
+
+    return source if isinstance(source, ApiServerSource) else None

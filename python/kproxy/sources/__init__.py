@@ -69,7 +69,11 @@ def create_source(cfg: Any) -> StartableSource:
         src = ManifestSource(list(cfg.manifests))
         src.poll()
         return src
+    from kproxy.sources.apiserver import ApiServerSource, api_source_configured
+
+    if api_source_configured(cfg):
+        return ApiServerSource(cfg)
     raise ConfigError(
-        "no source of cluster state: pass --manifests PATH (the API-server source is "
-        "not available in this build yet)"
+        "no source of cluster state: pass --manifests PATH, --kubeconfig PATH or --master "
+        "URL (or run in a cluster, where KUBERNETES_SERVICE_HOST is set)"
     )

@@ -35,6 +35,7 @@ DROP = "DROP"
 PROXY_CONFIGS: list[tuple[str, str | None]] = [
     ("iptables", "legacy"),
     ("iptables", "nft"),
+    ("nftables", None),
 ]
 MODES = sorted({mode for mode, _ in PROXY_CONFIGS})
 

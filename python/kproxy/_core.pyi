@@ -8,10 +8,13 @@ __version__: str
 __all__ = [
     "IptablesRenderer",
     "Model",
+    "NftablesRenderer",
     "RouteTable",
     "Selector",
     "__version__",
     "iptables_cleanup",
+    "nftables_chain_names",
+    "nftables_cleanup",
     "service_chain_names",
 ]
 
@@ -123,3 +126,27 @@ class RouteTable:
     ) -> tuple[_RouteTuple, str | None]: ...
     def algorithms(self) -> dict[str, str]: ...
     def __len__(self) -> int: ...
+
+@final
+class NftablesRenderer:
+    """Renders `nft -f` input (one transaction) for one IP family's `kube-proxy` table
+    and remembers what was applied."""
+
+    def __new__(cls, config_json: str) -> NftablesRenderer: ...
+    def render(self, model: Model, full: bool = False) -> tuple[str, str]:
+        """(nft -f text, JSON with stats, conntrack cleanups and health checks)."""
+    def commit(self) -> None: ...
+    def abort(self) -> None: ...
+    def set_config(self, config_json: str) -> None: ...
+    def drift_probe(self) -> tuple[str, list[str]]:
+        """(`nft list chain` argument, substrings its listing must contain)."""
+    @property
+    def needs_full(self) -> bool: ...
+
+def nftables_cleanup() -> str:
+    """`nft -f` input deleting the `kube-proxy` tables of families ip and ip6."""
+
+def nftables_chain_names(
+    namespace: str, name: str, port: str, protocol: str
+) -> tuple[str, str, str, str]:
+    """(service-*, local-*, external-*, firewall-*) nftables chains of a service port."""

@@ -33,8 +33,10 @@ def setup_logging(verbosity: int) -> None:
 def cleanup_all() -> int:
     from kproxy.dataplane import leftovers
     from kproxy.dataplane.iptables import IptablesBackend
+    from kproxy.dataplane.nftables import NftablesBackend
 
     failed = IptablesBackend.cleanup_static()
+    failed |= NftablesBackend.cleanup_static()
     failed |= leftovers.remove_nft_tables()
     failed |= leftovers.remove_ipvs_interface()
     return 1 if failed else 0

@@ -46,8 +46,15 @@ def _iptables(cfg: Any, node: NodeInfo, families: tuple[int, ...]) -> Backend:
     return IptablesBackend(cfg, node, families)
 
 
+def _nftables(cfg: Any, node: NodeInfo, families: tuple[int, ...]) -> Backend:
+    from kproxy.dataplane.nftables import NftablesBackend
+
+    return NftablesBackend(cfg, node, families)
+
+
 FACTORIES: dict[str, BackendFactory] = {
     "iptables": _iptables,
+    "nftables": _nftables,
 }
 
 

@@ -8,6 +8,7 @@ pub mod iptables;
 pub mod lookup;
 pub mod model;
 pub mod net;
+pub mod nftables;
 pub mod selection;
 
 pub use error::{Error, Result};

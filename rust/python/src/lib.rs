@@ -9,6 +9,7 @@ use kproxy_core::iptables::{render_cleanup, IptablesConfig, IptablesRenderer as 
 use kproxy_core::model::Model as CoreModel;
 use kproxy_core::Error;
 
+mod nftables;
 mod selection;
 
 /// The one error funnel: core errors become kproxy's Python exceptions.
@@ -172,6 +173,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(iptables_cleanup, m)?)?;
     m.add_function(wrap_pyfunction!(service_chain_names, m)?)?;
     selection::register(m)?;
+    nftables::register(m)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())
 }

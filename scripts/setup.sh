@@ -5,6 +5,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 DEB_PACKAGES=(iptables nftables conntrack ipset iproute2 socat)
+# IPVS tests run in a qemu guest (tests/guest/): qemu, busybox for its initramfs,
+# kmod (depmod, modprobe) for the kernel that scripts/guest-kernel.sh fetches.
+DEB_PACKAGES+=(qemu-system-x86 busybox-static kmod ipvsadm)
 missing=()
 for p in "${DEB_PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

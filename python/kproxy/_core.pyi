@@ -7,12 +7,17 @@ _RouteTuple = tuple[str, list[str], bool, str, str | None]
 __version__: str
 __all__ = [
     "IptablesRenderer",
+    "IpvsReconciler",
+    "IpvsSocket",
     "Model",
     "NftablesRenderer",
     "RouteTable",
     "Selector",
     "__version__",
     "iptables_cleanup",
+    "ipvs_decode",
+    "ipvs_encode",
+    "ipvs_plan",
     "nftables_chain_names",
     "nftables_cleanup",
     "service_chain_names",
@@ -150,3 +155,51 @@ def nftables_chain_names(
     namespace: str, name: str, port: str, protocol: str
 ) -> tuple[str, str, str, str]:
     """(service-*, local-*, external-*, firewall-*) nftables chains of a service port."""
+
+# --- IPVS (rust/python/src/ipvs.rs) ---
+
+@final
+class IpvsSocket:
+    """A generic-netlink socket bound to the kernel's IPVS family (requests batched)."""
+
+    def __new__(cls) -> IpvsSocket:
+        """Raises FileNotFoundError when the kernel has no IPVS."""
+    @property
+    def family_id(self) -> int: ...
+    def services(self) -> str:
+        """JSON list of the kernel's virtual servers (one dump)."""
+    def destinations(self, service_json: str) -> str:
+        """JSON list of the real servers of one virtual server."""
+    def apply(self, ops_json: str) -> list[tuple[int, int]]:
+        """Apply a JSON list of ops; returns (index, errno) of each failed one."""
+    def timeouts(self) -> tuple[int, int, int]:
+        """(tcp, tcpfin, udp) connection timeouts in seconds."""
+    def set_timeouts(self, tcp: int, tcpfin: int, udp: int) -> None: ...
+
+@final
+class IpvsReconciler:
+    """Remembers what was programmed and diffs each plan against it."""
+
+    def __new__(cls) -> IpvsReconciler: ...
+    def sync(
+        self,
+        sock: IpvsSocket,
+        plan_json: str,
+        owned: list[str],
+        exclude_cidrs: list[str],
+        full: bool = False,
+    ) -> str:
+        """Program the plan's virtual servers; returns the report as JSON."""
+    @property
+    def needs_full(self) -> bool: ...
+    def invalidate(self) -> None: ...
+
+def ipvs_plan(model: Model, config_json: str) -> str:
+    """The IPVS plan of a model for one family as JSON (services, bind_addrs, ipsets,
+    health_checks, warnings)."""
+
+def ipvs_encode(op_json: str, family: int, seq: int) -> bytes:
+    """The netlink request kproxy sends for one op (JSON)."""
+
+def ipvs_decode(data: bytes) -> str:
+    """Decode one IPVS netlink message into JSON {cmd, service, dest, timeouts}."""

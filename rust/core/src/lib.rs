@@ -5,6 +5,7 @@ pub mod categorize;
 pub mod error;
 pub mod hash;
 pub mod iptables;
+pub mod ipvs;
 pub mod lookup;
 pub mod model;
 pub mod net;

@@ -1,0 +1,1 @@
+"""The qemu guest harness: IPVS tests need a kernel with IPVS (see harness.py)."""

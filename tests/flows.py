@@ -36,6 +36,7 @@ PROXY_CONFIGS: list[tuple[str, str | None]] = [
     ("iptables", "legacy"),
     ("iptables", "nft"),
     ("nftables", None),
+    ("userspace", None),
 ]
 MODES = sorted({mode for mode, _ in PROXY_CONFIGS})
 
@@ -207,6 +208,12 @@ def override(flows: Iterable[Flow], **changes: Mapping[str, Any]) -> list[Flow]:
     return out
 
 
+def for_mode(mode: str | None, flow: Flow) -> Flow:
+    """``flow`` with the changes ``mode`` documents in MODE_OVERRIDES."""
+    changes = MODE_OVERRIDES.get(mode or "", {}).get(flow.name)
+    return dataclasses.replace(flow, **changes) if changes else flow
+
+
 # ------------------------------------------------------------------------ checking
 
 # Attempts per flow: with 2 equally likely endpoints, 20 attempts all landing on one
@@ -225,6 +232,7 @@ def describe(results: Sequence[ConnectResult]) -> str:
 
 def check_flow(sb: Sandbox, flow: Flow, timeout: float = 1.0) -> list[ConnectResult]:
     """Send the flow (several times when it may reach several pods) and check it."""
+    flow = for_mode(sb.kproxy.mode if sb.kproxy is not None else None, flow)
     if flow.expect == DROP:
         res = sb.connect_many(
             flow.source, flow.protocol, flow.dst_ip, flow.dst_port,
@@ -368,6 +376,19 @@ RUNTIME_CHANGES: list[RuntimeChange] = [
     ),
 ]
 
+# Rows whose expectation differs per mode (flow name -> changed fields), applied by
+# check_flow and for_mode. userspace: the forwarder opens a new connection from the
+# node to the endpoint, so the endpoint never sees the client's source IP (as in
+# upstream's userspace mode): every answered flow is "masqueraded". Everything else
+# (which pods answer, REJECT, DROP, affinity) is as in iptables mode.
+MODE_OVERRIDES: dict[str, dict[str, dict[str, Any]]] = {
+    "userspace": {
+        f.name: {"masquerade": True}
+        for f in [*FLOWS, *(p for c in RUNTIME_CHANGES for p in c.probes)]
+        if f.masquerade is False and f.pods
+    },
+}
+
 __all__ = [
     "DROP",
     "EXTERNAL_IP",
@@ -379,5 +400,6 @@ __all__ = [
     "Flow",
     "RuntimeChange",
     "check_flow",
+    "for_mode",
     "override",
 ]

@@ -9,7 +9,15 @@ import time
 
 import pytest
 
-from flows import FLOWS, PROXY_CONFIGS, RUNTIME_CHANGES, Flow, RuntimeChange, check_flow
+from flows import (
+    FLOWS,
+    PROXY_CONFIGS,
+    RUNTIME_CHANGES,
+    Flow,
+    RuntimeChange,
+    check_flow,
+    for_mode,
+)
 from kproxy.sandbox import ConnectResult, Sandbox
 
 pytestmark = [
@@ -55,13 +63,15 @@ def _send(sb: Sandbox, probe: Flow) -> ConnectResult:
 # Runs after the table (definition order): it changes the watched manifests, and puts
 # them back before it returns.
 @pytest.mark.parametrize("change", RUNTIME_CHANGES, ids=[c.name for c in RUNTIME_CHANGES])
-def test_runtime_change_keeps_udp_source_port(proxied: Sandbox, change: RuntimeChange) -> None:
+def test_runtime_change_keeps_udp_source_port(
+    proxied: Sandbox, change: RuntimeChange, mode: str
+) -> None:
     for probe in change.probes:
         before = _send(proxied, probe)
         assert not before.answered, f"{probe.name}: answered before the change: {before}"
     proxied.write_manifest(change.manifest, change.objects)
     try:
-        for probe in change.probes:
+        for probe in [for_mode(mode, p) for p in change.probes]:
             deadline = time.monotonic() + CHANGE_DEADLINE
             attempts: list[ConnectResult] = []
             for _ in range(int(CHANGE_DEADLINE / RESEND_INTERVAL)):

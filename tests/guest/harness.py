@@ -31,7 +31,17 @@ QEMU = "qemu-system-x86_64"
 # Loaded by the initramfs, in this order (with their modules.dep dependencies first).
 INITRD_MODULES = ("virtio_pci", "9pnet_virtio", "9p", "overlay")
 # Loaded in the chroot before anything else; libcrc32c needs crc32c_generic first.
-GUEST_MODULES = ("crc32c_generic", "ip_vs", "ip_vs_rr", "dummy", "veth", "bridge")
+GUEST_MODULES = (
+    "crc32c_generic",
+    "ip_vs",
+    "ip_vs_rr",
+    "dummy",
+    "veth",
+    "bridge",
+    "br_netfilter",
+    "nf_conntrack",
+    "ip_set",
+)
 
 
 @dataclass

@@ -46,6 +46,12 @@ def _iptables(cfg: Any, node: NodeInfo, families: tuple[int, ...]) -> Backend:
     return IptablesBackend(cfg, node, families)
 
 
+def _userspace(cfg: Any, node: NodeInfo, families: tuple[int, ...]) -> Backend:
+    from kproxy.dataplane.userspace import UserspaceBackend
+
+    return UserspaceBackend(cfg, node, families)
+
+
 def _nftables(cfg: Any, node: NodeInfo, families: tuple[int, ...]) -> Backend:
     from kproxy.dataplane.nftables import NftablesBackend
 
@@ -55,6 +61,7 @@ def _nftables(cfg: Any, node: NodeInfo, families: tuple[int, ...]) -> Backend:
 FACTORIES: dict[str, BackendFactory] = {
     "iptables": _iptables,
     "nftables": _nftables,
+    "userspace": _userspace,
 }
 
 

@@ -1,0 +1,243 @@
+//! Moving bytes between the client and the endpoint of one TCP connection.
+//!
+//! Each direction splices socket -> pipe -> socket inside the kernel (no copy to user
+//! space). At most one pipe's worth (64 KiB) is in flight per direction, so a slow
+//! reader stops the other side by TCP flow control instead of growing a buffer. The pipe
+//! goes back to a shared pool whenever the direction is drained, so idle connections
+//! hold no pipe. Where splice is refused (EINVAL, e.g. a socket type without
+//! splice_read), a direction falls back to copying through a 16 KiB buffer.
+//!
+//! Half-close: end of file on one side becomes shutdown(SHUT_WR) on the other, and the
+//! other direction keeps flowing. An error on either side (a reset, a vanished peer)
+//! ends both with SO_LINGER 0, so the other peer sees a RST, not a clean close.
+
+use std::io;
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+
+use tokio::io::Interest;
+use tokio::net::TcpStream;
+
+use super::sys::{self, PipePool};
+
+const CHUNK: usize = 64 * 1024;
+const COPY_BUFFER: usize = 16 * 1024;
+
+/// How a relay ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ended {
+    /// Both sides closed their sending half.
+    Closed,
+    /// One side failed; both were reset.
+    Reset,
+}
+
+/// Relay until both directions end. `up`/`down` count client->endpoint and
+/// endpoint->client bytes as they move.
+pub async fn relay(
+    client: &TcpStream,
+    endpoint: &TcpStream,
+    pool: &PipePool,
+    use_splice: bool,
+    up: &AtomicU64,
+    down: &AtomicU64,
+) -> (Ended, bool) {
+    let mut spliced = use_splice;
+    let f1 = direction(client, endpoint, pool, use_splice, up);
+    let f2 = direction(endpoint, client, pool, use_splice, down);
+    tokio::pin!(f1, f2);
+    let (mut done1, mut done2) = (false, false);
+    while !(done1 && done2) {
+        let r = tokio::select! {
+            r = &mut f1, if !done1 => { done1 = true; r }
+            r = &mut f2, if !done2 => { done2 = true; r }
+        };
+        match r {
+            Ok(s) => spliced &= s,
+            Err(_) => {
+                sys::set_linger_zero(client.as_raw_fd());
+                sys::set_linger_zero(endpoint.as_raw_fd());
+                return (Ended::Reset, spliced);
+            }
+        }
+    }
+    (Ended::Closed, spliced)
+}
+
+/// One direction until end of file (then half-close `dst`). Ok(true) when it spliced
+/// throughout, Ok(false) when it fell back to copying.
+async fn direction(
+    src: &TcpStream,
+    dst: &TcpStream,
+    pool: &PipePool,
+    use_splice: bool,
+    count: &AtomicU64,
+) -> io::Result<bool> {
+    if use_splice {
+        match splice_direction(src, dst, pool, count).await {
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {}
+            other => return other.map(|_| true),
+        }
+    }
+    copy_direction(src, dst, count).await.map(|_| false)
+}
+
+async fn splice_direction(
+    src: &TcpStream,
+    dst: &TcpStream,
+    pool: &PipePool,
+    count: &AtomicU64,
+) -> io::Result<()> {
+    let (sfd, dfd) = (src.as_raw_fd(), dst.as_raw_fd());
+    loop {
+        src.readable().await?;
+        let pipe = pool.get()?;
+        let n = match src.try_io(Interest::READABLE, || {
+            sys::splice(sfd, pipe.w.as_raw_fd(), CHUNK)
+        }) {
+            Ok(0) => {
+                pool.put(pipe);
+                sys::shutdown_write(dfd);
+                return Ok(());
+            }
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                pool.put(pipe);
+                continue;
+            }
+            Err(e) => {
+                pool.put(pipe);
+                return Err(e);
+            }
+        };
+        let mut left = n;
+        while left > 0 {
+            match dst.try_io(Interest::WRITABLE, || {
+                sys::splice(pipe.r.as_raw_fd(), dfd, left)
+            }) {
+                Ok(m) => {
+                    left -= m;
+                    count.fetch_add(m as u64, Relaxed);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => dst.writable().await?,
+                // The pipe still holds bytes: dropped (closed), not returned.
+                Err(e) => return Err(e),
+            }
+        }
+        pool.put(pipe);
+    }
+}
+
+async fn copy_direction(src: &TcpStream, dst: &TcpStream, count: &AtomicU64) -> io::Result<()> {
+    // Allocated on the first byte: a connection that stays idle holds no buffer.
+    let mut buf: Vec<u8> = Vec::new();
+    loop {
+        src.readable().await?;
+        if buf.is_empty() {
+            buf = vec![0u8; COPY_BUFFER];
+        }
+        let n = match src.try_read(&mut buf) {
+            Ok(0) => {
+                sys::shutdown_write(dst.as_raw_fd());
+                return Ok(());
+            }
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e),
+        };
+        let mut off = 0;
+        while off < n {
+            match dst.try_write(&buf[off..n]) {
+                Ok(m) => {
+                    off += m;
+                    count.fetch_add(m as u64, Relaxed);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => dst.writable().await?,
+                Err(e) => return Err(e),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
+
+    async fn pair(l: &TcpListener) -> (TcpStream, TcpStream) {
+        let addr = l.local_addr().unwrap();
+        let (c, s) = tokio::join!(TcpStream::connect(addr), l.accept());
+        (c.unwrap(), s.unwrap().0)
+    }
+
+    fn data(n: usize) -> Vec<u8> {
+        (0..n).map(|i| (i * 7 % 251) as u8).collect()
+    }
+
+    async fn run(use_splice: bool) {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        // client <-> (a | relay | b) <-> server
+        let (mut client, a) = pair(&l).await;
+        let (b, mut server) = pair(&l).await;
+        let pool = PipePool::new(4);
+        let (up, down) = (AtomicU64::new(0), AtomicU64::new(0));
+        let big = data(3 * 1024 * 1024 + 17);
+        let big2 = big.clone();
+        let relay_f = relay(&a, &b, &pool, use_splice, &up, &down);
+        let client_f = async {
+            client.write_all(&big2).await.unwrap();
+            client.shutdown().await.unwrap(); // half-close: the reply must still come
+            let mut back = Vec::new();
+            client.read_to_end(&mut back).await.unwrap();
+            back
+        };
+        let server_f = async {
+            let mut got = Vec::new();
+            server.read_to_end(&mut got).await.unwrap();
+            server.write_all(&got).await.unwrap();
+            server.shutdown().await.unwrap();
+            got
+        };
+        let ((ended, spliced), back, got) = tokio::join!(relay_f, client_f, server_f);
+        assert_eq!(ended, Ended::Closed);
+        assert_eq!(spliced, use_splice);
+        assert!(got == big && back == big);
+        assert_eq!(up.load(Relaxed), big.len() as u64);
+        assert_eq!(down.load(Relaxed), big.len() as u64);
+        assert!(pool.idle() <= 4);
+    }
+
+    #[test]
+    fn splice_and_copy_both_ways_with_half_close() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(run(true));
+        rt.block_on(run(false));
+    }
+
+    #[test]
+    fn reset_propagates() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let (client, a) = pair(&l).await;
+            let (b, mut server) = pair(&l).await;
+            let pool = PipePool::new(4);
+            let (up, down) = (AtomicU64::new(0), AtomicU64::new(0));
+            sys::set_linger_zero(client.as_raw_fd());
+            drop(client); // RST towards a
+            let (ended, _) = relay(&a, &b, &pool, true, &up, &down).await;
+            assert_eq!(ended, Ended::Reset);
+            drop((a, b));
+            let mut buf = [0u8; 8];
+            let r = server.read(&mut buf).await;
+            assert!(r.is_err(), "server must see a reset, got {r:?}");
+        });
+    }
+}

@@ -4,7 +4,11 @@ streams, 5xx, slow answers, an API server that goes away, events, client config.
 
 from __future__ import annotations
 
+import json
+import os
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -20,8 +24,8 @@ from kproxy.errors import ConfigError
 from kproxy.server import ProxyHealthState
 from kproxy.sources import Event, Kind, create_source
 from kproxy.sources.apiserver import (
-    HEALTH_FAMILY,
     LABEL_SELECTOR,
+    ApiHealthState,
     ApiServerSource,
     Backoff,
     RateLimiter,
@@ -400,17 +404,18 @@ def test_server_down_marks_health_stale_then_converges(
 ) -> None:
     populate(server, 2)
     r = run_source(watch_timeout=30.0)
-    health = ProxyHealthState(health_timeout=0.3)
+    health = ApiHealthState(health_timeout=0.3)
     r.src.health = health
     wait_for(lambda: len(r.rec.synced()) == 3, "synced")
+    assert health.node_eligible
     server.down()
-    wait_for(lambda: not health.healthy(), "stale health while the API server is away")
-    assert health.health().status[HEALTH_FAMILY].healthy is False
+    wait_for(lambda: not health.node_eligible, "stale /healthz while the API server is away")
+    assert health.healthy()  # /livez and the service health checks follow syncs only
     server.apply(svc("while-down", "10.96.0.92"))
     time.sleep(1.0)
     server.up()
     wait_for(lambda: "t/while-down" in r.rec.keys("Service"), "converged")
-    wait_for(health.healthy, "healthy again")
+    wait_for(lambda: health.node_eligible, "healthy again")
 
 
 # -- node, events, config ---------------------------------------------------------------
@@ -507,3 +512,172 @@ def test_rate_limiter_and_backoff() -> None:
         assert base <= got <= 2 * base  # jitter up to +100%
     t[0] += 1000.0
     assert b.next() <= 2.0  # calm for long enough: back to the start
+
+
+# -- the daemon end to end, in a network namespace ---------------------------------------
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class Netns:
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def run(self, *argv: str) -> str:
+        proc = subprocess.run(
+            ["ip", "netns", "exec", self.name, *argv],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        if proc.returncode != 0:
+            raise AssertionError(f"{argv}: {proc.stderr}")
+        return proc.stdout
+
+    def rules(self) -> str:
+        return self.run("iptables-nft-save")
+
+    def get(self, url: str) -> tuple[int, str]:
+        code = (
+            "import sys,urllib.request,urllib.error\n"
+            "try:\n"
+            " r = urllib.request.urlopen(sys.argv[1], timeout=2)\n"
+            " print(r.status); print(r.read().decode())\n"
+            "except urllib.error.HTTPError as e: print(e.code); print(e.read().decode())\n"
+            "except OSError: print(0)\n"
+        )
+        status, _, body = self.run(sys.executable, "-c", code, url).partition("\n")
+        return int(status), body
+
+
+@pytest.fixture
+def netns() -> Iterator[Netns]:
+    name = f"kpt-api{os.getpid()}"
+    subprocess.run(["ip", "netns", "del", name], capture_output=True, check=False)
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    try:
+        subprocess.run(["ip", "netns", "exec", name, "ip", "link", "set", "lo", "up"], check=True)
+        yield Netns(name)
+    finally:
+        subprocess.run(["ip", "netns", "del", name], check=False)
+
+
+def metric(ns: Netns, name: str) -> float:
+    _, text = ns.get("http://127.0.0.1:10249/metrics")
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name + " ") or line.startswith(name + "{"):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def healthz(ns: Netns, path: str = "/healthz") -> tuple[int, dict[str, Any]]:
+    status, body = ns.get(f"http://127.0.0.1:10256{path}")
+    return status, (json.loads(body) if status else {})
+
+
+def trigger(obj: dict[str, Any]) -> dict[str, Any]:
+    """The EndpointSlice controller's last-change-trigger-time annotation."""
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    obj["metadata"]["annotations"] = {"endpoints.kubernetes.io/last-change-trigger-time": stamp}
+    return obj
+
+
+@pytest.mark.kernel
+def test_daemon_programs_the_kernel_from_watch_events_through_faults(
+    netns: Netns, tmp_path: Path
+) -> None:
+    srv = FakeApiServer(netns=netns.name, bookmark_interval=1.0).start()
+    log_path = tmp_path / "kproxy.log"
+    proc: subprocess.Popen[bytes] | None = None
+    try:
+        srv.apply(NODE)
+        srv.apply(svc("a", "10.96.1.1"))
+        srv.apply(eps("a-1", "a", "10.244.0.10"))
+        # nothing is programmed until the EndpointSlice list is in
+        srv.fail(500, count=3, plural="endpointslices", watch=False)
+        argv = [
+            "ip", "netns", "exec", netns.name, sys.executable, "-m", "kproxy",
+            "--kubeconfig", srv.kubeconfig(tmp_path / "kubeconfig"),
+            "--hostname-override", "node1", "--cluster-cidr", "10.244.0.0/16",
+            "--healthz-bind-address", "127.0.0.1:10256",
+            "--metrics-bind-address", "127.0.0.1:10249",
+            "--iptables-sync-period", "2s", "-v", "2",
+        ]  # fmt: skip
+        env = dict(os.environ, KPROXY_IPTABLES_BACKEND="nft", KPROXY_WATCH_TIMEOUT_SECONDS="5")
+        proc = subprocess.Popen(argv, stdout=log_path.open("wb"), stderr=subprocess.STDOUT, env=env)
+
+        def logs() -> str:
+            return log_path.read_text(errors="replace")
+
+        wait_for(lambda: any(r.path == SERVICES and r.query.get("watch") for r in srv.requests),
+                 "the Service watch")  # fmt: skip
+        assert "10.96.1.1" not in netns.rules(), "programmed before the EndpointSlice list"
+        wait_for(lambda: "10.96.1.1/32" in netns.rules(), "first sync", 60)
+        wait_for(lambda: healthz(netns)[0] == 200, "healthy")
+        assert any(e["reason"] == "Starting" for e in srv.objects("Event"))
+
+        # a watch event: a new Service and its endpoints
+        srv.apply(svc("b", "10.96.1.2"))
+        srv.apply(trigger(eps("b-1", "b", "10.244.0.11")))
+        wait_for(lambda: "10.96.1.2/32" in netns.rules(), "watched Service programmed")
+        wait_for(lambda: metric(netns, "kubeproxy_network_programming_duration_seconds_count") > 0,
+                 "network programming latency observed")  # fmt: skip
+
+        # 410 in the stream: relist, only the changed object reprogrammed
+        changes = metric(netns, "kubeproxy_sync_proxy_rules_service_changes_total")
+        srv.expire_watches()
+        srv.apply(svc("b", "10.96.1.3"))
+        wait_for(lambda: "10.96.1.3/32" in netns.rules(), "change after 410")
+        assert "10.96.1.2/32" not in netns.rules()
+        wait_for(lambda: "relisting" in logs(), "relist logged")
+        assert metric(netns, "kubeproxy_sync_proxy_rules_service_changes_total") == changes + 1
+
+        # 5xx answers and dropped streams
+        srv.fail(503, count=3, watch=True)
+        srv.drop_watches()
+        srv.apply(svc("c", "10.96.1.4"))
+        srv.apply(eps("c-1", "c", "10.244.0.12"))
+        wait_for(lambda: "10.96.1.4/32" in netns.rules(), "change after 5xx and drops", 60)
+
+        # the API server is down for a while: rules kept, /livez fine, /healthz stale
+        srv.down()
+        srv.delete("Service", "t/c")
+        srv.apply(svc("d", "10.96.1.5"))
+        srv.compact()
+        wait_for(lambda: healthz(netns)[0] == 503, "stale /healthz while the API is away", 30)
+        assert healthz(netns)[1]["nodeEligible"] is False
+        assert healthz(netns, "/livez")[0] == 200
+        assert "10.96.1.4/32" in netns.rules() and "10.96.1.1/32" in netns.rules()
+        changes = metric(netns, "kubeproxy_sync_proxy_rules_service_changes_total")
+        srv.up()
+        wait_for(lambda: "10.96.1.5/32" in netns.rules(), "converged after the outage", 90)
+        wait_for(lambda: "10.96.1.4/32" not in netns.rules(), "deleted while down")
+        wait_for(lambda: healthz(netns)[0] == 200, "healthy again", 30)
+        # only the two changed Services went through the tracker, not all of them again
+        assert metric(netns, "kubeproxy_sync_proxy_rules_service_changes_total") == changes + 2
+
+        # the Node: the autoscaler's taint makes /healthz 503, /livez stays 200
+        tainted = {**NODE, "spec": {**NODE["spec"], "taints": [
+            {"key": "ToBeDeletedByClusterAutoscaler", "effect": "NoSchedule"}]}}  # fmt: skip
+        srv.apply(tainted)
+        wait_for(lambda: healthz(netns)[1].get("nodeEligible") is False, "node not eligible")
+        assert healthz(netns)[0] == 503 and healthz(netns, "/livez")[0] == 200
+        srv.apply(NODE)
+        wait_for(lambda: healthz(netns)[0] == 200, "eligible again")
+
+        # new node IPs: exit for a restart, as upstream; the rules stay
+        moved = {**NODE, "status": {"addresses": [{"type": "InternalIP", "address": "10.0.0.2"}]}}
+        srv.apply(moved)
+        assert proc.wait(timeout=30) == 1
+        assert "exiting to restart" in logs()
+        assert "10.96.1.5/32" in netns.rules()
+    except BaseException:
+        print(log_path.read_text(errors="replace")[-20000:] if log_path.exists() else "")
+        raise
+    finally:
+        if proc is not None and proc.poll() is None:
+            proc.terminate()
+            proc.wait(timeout=10)
+        srv.stop()

@@ -33,11 +33,13 @@ def setup_logging(verbosity: int) -> None:
 def cleanup_all() -> int:
     from kproxy.dataplane import leftovers
     from kproxy.dataplane.iptables import IptablesBackend
+    from kproxy.dataplane.ipvs import IpvsBackend
     from kproxy.dataplane.nftables import NftablesBackend
 
     failed = IptablesBackend.cleanup_static()
     failed |= NftablesBackend.cleanup_static()
     failed |= leftovers.remove_nft_tables()
+    failed |= IpvsBackend.cleanup_static()
     failed |= leftovers.remove_ipvs_interface()
     return 1 if failed else 0
 
@@ -94,17 +96,20 @@ def run(cfg: object) -> int:
     backend = create_backend(cfg, node, families)
     leftovers.remove_other_modes(cfg.mode)
 
+    api_source = _api_source(source)
     health = server.ProxyHealthState(health_timeout=cfg.health_timeout)
+    if api_source is not None:
+        from kproxy.sources.apiserver import ApiHealthState
+
+        health = api_source.health = ApiHealthState(health_timeout=cfg.health_timeout)
     servers = server.start(cfg, health)
     hc_ips = nodeport_ips(tuple(cfg.nodeport_addresses), node) or []
     stop = threading.Event()
     restart = threading.Event()
-    api_source = _api_source(source)
     service_health = ServiceHealthServer(hc_ips, health)
     if api_source is not None:
         from kproxy.sources.apiserver import RecordingServiceHealthServer
 
-        api_source.health = health
         recorder = api_source.recorder
         service_health = RecordingServiceHealthServer(hc_ips, health, recorder)
         recorder.event(recorder.node_ref(), "Normal", "Starting", "StartKubeProxy")

@@ -608,6 +608,11 @@ class _Handler(BaseHTTPRequestHandler):
     def log_message(self, format: str, *args: Any) -> None:
         pass
 
+    def handle(self) -> None:
+        # clients that go away (a daemon being stopped) are not the server's error
+        with contextlib.suppress(ConnectionError, TimeoutError):
+            super().handle()
+
     # -- response helpers ----------------------------------------------------------------
 
     def send_json(self, status: int, body: Any) -> None:
@@ -622,6 +627,8 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_response(200)
         self.send_header("Content-Type", "application/json")
         self.send_header("Transfer-Encoding", "chunked")
+        # the stream's end closes the connection: say so, or a client may reuse it
+        self.send_header("Connection", "close")
         self.end_headers()
         self.wfile.flush()
 

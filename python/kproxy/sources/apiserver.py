@@ -37,6 +37,7 @@ from typing import Any
 from kproxy import metrics
 from kproxy.errors import ConfigError
 from kproxy.healthcheck import ProxyHealthChecker, ServiceHealthServer
+from kproxy.server import ProxyHealthState
 from kproxy.sources import Event, Handler, Kind, object_key
 
 log = logging.getLogger("kproxy.apiserver")
@@ -53,8 +54,6 @@ BACKOFF_CAP = 30.0
 BACKOFF_RESET = 120.0
 #: How long startup waits for this node's Node object (upstream's NodeManager: 30s).
 NODE_WAIT = 30.0
-#: /healthz names the source's freshness as this family while the API server is away.
-HEALTH_FAMILY = "apiserver"
 
 
 class Gone(Exception):
@@ -414,14 +413,22 @@ class Reflector:
     def run(self, stop: threading.Event) -> None:
         need_list = True
         while not stop.is_set():
+            delay = 0.0
+            started = time.monotonic()
             try:
                 if need_list:
                     if not self.list(stop):
                         return
                     need_list = False
+                started = time.monotonic()
                 self.watch(stop)
-                # The server ended the watch (timeout): resume from the last version.
-                continue
+                # The server ended the watch (its timeout): resume from the last version.
+                # A watch that ends at once is a failure in disguise (client-go's "very
+                # short watch"): back off so that a flapping server is not hammered.
+                if time.monotonic() - started >= 1.0:
+                    self.backoff.reset()
+                    continue
+                delay = self.backoff.next()
             except Gone as e:
                 log.info("%s: resourceVersion expired (%s); relisting", self.kind, e)
                 need_list = True
@@ -436,12 +443,49 @@ class Reflector:
                 status = _status_of(e)
                 what = f"HTTP {status}" if status else type(e).__name__
                 log.warning("%s: %s: %s; retrying", self.kind, what, str(e).splitlines()[0:1])
+                if self.watches and time.monotonic() - started >= 1.0:
+                    self.backoff.reset()  # a watch that worked for a while: start afresh
                 delay = self.backoff.next()
             if self.connected is not None:
                 self.connected(self.kind, False)
             self.watches = 0
             if delay and stop.wait(delay):
                 return
+
+
+# ---------------------------------------------------------------------------------------
+# Health
+# ---------------------------------------------------------------------------------------
+
+
+class ApiHealthState(ProxyHealthState):
+    """The daemon's health when fed by the API server: as upstream, plus /healthz answers
+    503 once the API server has been unreachable for the health timeout (the programmed
+    rules are stale; issue 7). /livez ignores it, since a restart would not bring the API
+    server back, and the rules stay in place. It is reported through node eligibility
+    because that is what /healthz alone looks at (so ``nodeEligible`` reads false during
+    a long outage); the service health check node ports, which follow sync freshness
+    only, are unaffected."""
+
+    def __init__(self, health_timeout: float, clock: Callable[[], float] = time.time) -> None:
+        super().__init__(health_timeout, clock)
+        self._lost_at: float | None = None
+
+    def set_source_lost(self, lost: bool) -> None:
+        with self._lock:
+            if not lost:
+                self._lost_at = None
+            elif self._lost_at is None:
+                self._lost_at = self._clock()
+
+    def source_stale(self) -> bool:
+        with self._lock:
+            lost = self._lost_at
+        return lost is not None and self.now() - lost >= self.health_timeout
+
+    @property
+    def node_eligible(self) -> bool:
+        return bool(super().node_eligible) and not self.source_stale()
 
 
 # ---------------------------------------------------------------------------------------
@@ -601,9 +645,8 @@ class ApiServerSource:
         self.backoff = backoff
         self.node_wait = node_wait
         self.recorder = EventRecorder(self.api_client, self.node_name, self.limiter)
-        #: the daemon's ProxyHealthState (set by the cli): an API server that stays away
-        #: longer than the health timeout shows as a stale family in /healthz
-        self.health: Any = None
+        #: the daemon's health (set by the cli): told when the watches are lost and back
+        self.health: ApiHealthState | None = None
         self.reflectors: list[Reflector] = []
         self._deliver_lock = threading.Lock()
         self._disconnected: set[Kind] = set()
@@ -667,14 +710,14 @@ class ApiServerSource:
             else:
                 self._disconnected.add(kind)
             now = bool(self._disconnected)
-        if self.health is None or was == now:
+        if was == now:
             return
         if now:
             log.warning("lost the API server; keeping the programmed rules")
-            self.health.queued_update(HEALTH_FAMILY)
         else:
             log.info("API server watches re-established")
-            self.health.updated(HEALTH_FAMILY)
+        if self.health is not None:
+            self.health.set_source_lost(now)
 
     def run(self, handler: Handler, stop: threading.Event) -> None:
         def deliver(events: list[Event]) -> None:

@@ -21,6 +21,7 @@ single rows with :func:`override`.
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -38,6 +39,10 @@ PROXY_CONFIGS: list[tuple[str, str | None]] = [
     ("nftables", None),
     ("userspace", None),
 ]
+# ipvs needs a kernel with IPVS, which the host's lacks: its row exists only inside the
+# qemu guest that tests/test_ipvs_guest.py starts (KPROXY_IN_GUEST=1).
+if os.environ.get("KPROXY_IN_GUEST"):
+    PROXY_CONFIGS.append(("ipvs", None))
 MODES = sorted({mode for mode, _ in PROXY_CONFIGS})
 
 
@@ -387,6 +392,17 @@ MODE_OVERRIDES: dict[str, dict[str, dict[str, Any]]] = {
         for f in [*FLOWS, *(p for c in RUNTIME_CHANGES for p in c.probes)]
         if f.masquerade is False and f.pods
     },
+}
+# ipvs (as upstream's IPVS proxier): a NodePort is one virtual server per node address,
+# and with externalTrafficPolicy Local it has only the local endpoints for every client
+# (no short-circuit of pod and node traffic to all endpoints); a virtual server without
+# real servers answers ICMP port unreachable, so "no local endpoint" is REJECT, not DROP.
+MODE_OVERRIDES["ipvs"] = {
+    "nodeport-etp-local-from-pod": {"expect": pods("etp-local-1")},
+    "nodeport-etp-local-from-node": {"expect": pods("etp-local-1"), "masquerade": False},
+    "nodeport-etp-local-no-local-from-external": {"expect": REJECT},
+    "nodeport-etp-local-no-local-from-pod": {"expect": REJECT, "masquerade": None},
+    "nodeport-etp-local-no-local-from-node": {"expect": REJECT, "masquerade": None},
 }
 
 __all__ = [

@@ -58,8 +58,15 @@ def _nftables(cfg: Any, node: NodeInfo, families: tuple[int, ...]) -> Backend:
     return NftablesBackend(cfg, node, families)
 
 
+def _ipvs(cfg: Any, node: NodeInfo, families: tuple[int, ...]) -> Backend:
+    from kproxy.dataplane.ipvs import IpvsBackend
+
+    return IpvsBackend(cfg, node, families)
+
+
 FACTORIES: dict[str, BackendFactory] = {
     "iptables": _iptables,
+    "ipvs": _ipvs,
     "nftables": _nftables,
     "userspace": _userspace,
 }

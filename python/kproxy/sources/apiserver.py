@@ -553,7 +553,7 @@ class EventRecorder:
     def _run(self) -> None:
         from kubernetes import client
 
-        api: Any = client.EventsV1Api(self.api_client)
+        events_api: Any = client.EventsV1Api(self.api_client)
         while True:
             body = self._queue.get()
             if body is None or self._stop.is_set():
@@ -561,7 +561,7 @@ class EventRecorder:
             if not self.limiter.wait(self._stop):
                 return
             try:
-                resp = api.create_namespaced_event(
+                resp = events_api.create_namespaced_event(
                     body["metadata"]["namespace"],
                     client.EventsV1Event.from_dict(body),
                     _preload_content=False,

@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-DEB_PACKAGES=(iptables nftables conntrack ipset iproute2 socat)
+DEB_PACKAGES=(iptables nftables conntrack ipset iproute2 socat haproxy iperf3 apache2-utils)
 # IPVS tests run in a qemu guest (tests/guest/): qemu, busybox for its initramfs,
 # kmod (depmod, modprobe) for the kernel that scripts/guest-kernel.sh fetches.
 DEB_PACKAGES+=(qemu-system-x86 busybox-static kmod ipvsadm)

@@ -6,6 +6,7 @@ _RouteTuple = tuple[str, list[str], bool, str, str | None]
 
 __version__: str
 __all__ = [
+    "Forwarder",
     "IptablesRenderer",
     "IpvsReconciler",
     "IpvsSocket",
@@ -21,6 +22,7 @@ __all__ = [
     "nftables_chain_names",
     "nftables_cleanup",
     "service_chain_names",
+    "userspace_cleanup_script",
 ]
 
 @final
@@ -131,6 +133,23 @@ class RouteTable:
     ) -> tuple[_RouteTuple, str | None]: ...
     def algorithms(self) -> dict[str, str]: ...
     def __len__(self) -> int: ...
+
+@final
+class Forwarder:
+    """userspace mode's TCP/UDP forwarder, running on its own threads once built."""
+
+    def __new__(cls, config_json: str) -> Forwarder: ...
+    @property
+    def tcp_port(self) -> int: ...
+    @property
+    def running(self) -> bool: ...
+    def sync(self, model: Model, table_config_json: str) -> str:
+        """Apply the model; JSON {nft, warnings, health_checks, service_ports}."""
+    def stats_json(self) -> str: ...
+    def stop(self) -> None: ...
+
+def userspace_cleanup_script() -> str:
+    """`nft -f` input removing userspace mode's capture table."""
 
 @final
 class NftablesRenderer:

@@ -24,7 +24,7 @@ import shutil
 import subprocess
 from typing import Any
 
-from kproxy import _core, metrics
+from kproxy import _core, conntrack, metrics
 from kproxy.dataplane import SyncResult
 from kproxy.errors import SyncError
 from kproxy.node import NodeInfo
@@ -145,6 +145,7 @@ class UserspaceBackend:
         fcfg.update(forwarder_config or {})
         self.forwarder = _core.Forwarder(json.dumps(fcfg))
         self.applied: str | None = None
+        self.udp_captured: set[str] = set()
         log.info(
             "userspace mode: forwarder on TCP port %d, families %s",
             self.forwarder.tcp_port,
@@ -193,6 +194,13 @@ class UserspaceBackend:
                 raise
             self.applied = script
             result.changed = True
+        # Flows to a UDP address sent before it was captured (no endpoints, no Service)
+        # left conntrack entries without NAT that would keep bypassing the redirect.
+        captured = {json.dumps(t, sort_keys=True) for t in out["udp_captured"]}
+        fresh = captured - self.udp_captured  # everything on the first sync
+        if fresh:
+            conntrack.clear([json.loads(t) for t in sorted(fresh)])
+        self.udp_captured = captured
         result.stats["service_ports"] = out["service_ports"]
         for hc in out["health_checks"]:
             result.health_checks[hc["port"]] = (hc["service"], hc["local_endpoints"])

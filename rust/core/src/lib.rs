@@ -3,6 +3,7 @@
 
 pub mod categorize;
 pub mod error;
+pub mod forwarder;
 pub mod hash;
 pub mod iptables;
 pub mod ipvs;

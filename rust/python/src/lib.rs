@@ -9,6 +9,7 @@ use kproxy_core::iptables::{render_cleanup, IptablesConfig, IptablesRenderer as 
 use kproxy_core::model::Model as CoreModel;
 use kproxy_core::Error;
 
+mod forwarder;
 mod ipvs;
 mod nftables;
 mod selection;
@@ -175,6 +176,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(service_chain_names, m)?)?;
     selection::register(m)?;
     nftables::register(m)?;
+    forwarder::register(m)?;
     ipvs::register(m)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())

@@ -296,3 +296,72 @@ pub fn render(
 pub fn render_cleanup() -> String {
     format!("table inet {TABLE}\ndelete table inet {TABLE}\n")
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::forwarder::table::{build_specs, TableConfig};
+    use crate::model::Model;
+    use serde_json::json;
+
+    #[test]
+    fn renders_redirects_rejects_and_drops() {
+        let mut m = Model::new();
+        for (name, ip, proto, extra) in [
+            (
+                "web",
+                "10.96.0.10",
+                "TCP",
+                json!({"type": "NodePort", "externalTrafficPolicy": "Local"}),
+            ),
+            ("dns", "10.96.0.53", "UDP", json!({})),
+            ("none", "10.96.0.19", "TCP", json!({})),
+        ] {
+            let mut spec = json!({"clusterIP": ip, "ports": [{"name": "p", "port": 80, "protocol": proto, "nodePort": 30080}]});
+            for (k, v) in extra.as_object().unwrap() {
+                spec[k] = v.clone();
+            }
+            m.set_service(
+                &format!("t/{name}"),
+                Some(&json!({"metadata": {"name": name, "namespace": "t"}, "spec": spec})),
+            )
+            .unwrap();
+            if name != "none" {
+                m.set_endpoint_slice(
+                    &format!("t/{name}"),
+                    Some(&json!({"metadata": {"name": name, "namespace": "t",
+                        "labels": {"kubernetes.io/service-name": name}},
+                        "addressType": "IPv4", "ports": [{"name": "p", "port": 8080, "protocol": proto}],
+                        "endpoints": [{"addresses": ["10.244.1.5"], "nodeName": "other"}]})),
+                )
+                .unwrap();
+            }
+        }
+        let cfg = TableConfig {
+            node_name: "n1".into(),
+            families: vec![Family::V4],
+            ..Default::default()
+        };
+        let (specs, _) = build_specs(&m, &cfg);
+        let dns = specs.iter().find(|s| s.name.name == "dns").unwrap().key();
+        let udp: UdpPorts = [(dns, (41000, 41001))].into_iter().collect();
+        let cidrs = [Cidr::parse("10.244.0.0/16").unwrap()];
+        let text = render(&specs, 40000, &udp, &[Family::V4], &cidrs);
+        assert!(
+            text.starts_with("table inet kproxy-userspace\ndelete table inet kproxy-userspace\n")
+        );
+        assert!(text.contains("elements = { 10.96.0.10 . 80 }"), "{text}");
+        assert!(
+            text.contains("elements = { 10.96.0.53 . 80 : 41000 }"),
+            "{text}"
+        );
+        assert!(
+            text.contains("elements = { 10.96.0.19 . tcp . 80 }"),
+            "{text}"
+        );
+        assert!(text.contains("redirect to :40000"));
+        // ETP Local without a local endpoint: off-cluster clients of the NodePort drop.
+        assert!(text.contains("tcp dport 30080 fib saddr type != local ip saddr != { 10.244.0.0/16 } ct state new drop"), "{text}");
+        assert!(render_cleanup().contains("delete table inet kproxy-userspace"));
+    }
+}

@@ -152,6 +152,18 @@ pub struct SyncOutput {
     pub warnings: Vec<String>,
     pub health_checks: Vec<HealthCheck>,
     pub service_ports: usize,
+    /// UDP destinations now captured, in `kproxy.conntrack.clear`'s shape: entries made
+    /// before they were captured (no NAT) must go, or they blackhole the client.
+    pub udp_captured: Vec<UdpTarget>,
+}
+
+#[derive(Serialize, PartialEq, Eq, PartialOrd, Ord)]
+pub struct UdpTarget {
+    /// "service-ip" (ip:port) or "nodeport" (any local address).
+    pub kind: &'static str,
+    pub ip: Option<String>,
+    pub port: u16,
+    pub protocol: &'static str,
 }
 
 #[derive(Serialize)]
@@ -396,7 +408,35 @@ impl Forwarder {
                 e.local_endpoints = e.local_endpoints.max(s.local.len());
             }
         }
+        let mut udp_captured = Vec::new();
+        for s in specs_ok
+            .iter()
+            .filter(|s| s.name.protocol == Protocol::Udp && s.has_endpoints)
+        {
+            let vips = std::iter::once(&s.cluster_ip)
+                .chain(&s.external_ips)
+                .chain(&s.load_balancer_ips);
+            for ip in vips {
+                udp_captured.push(UdpTarget {
+                    kind: "service-ip",
+                    ip: Some(ip.to_string()),
+                    port: s.port,
+                    protocol: "udp",
+                });
+            }
+            if s.node_port != 0 {
+                udp_captured.push(UdpTarget {
+                    kind: "nodeport",
+                    ip: None,
+                    port: s.node_port,
+                    protocol: "udp",
+                });
+            }
+        }
+        udp_captured.sort();
+        udp_captured.dedup();
         Ok(SyncOutput {
+            udp_captured,
             nft,
             warnings,
             health_checks: hcs.into_values().collect(),

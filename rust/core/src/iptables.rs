@@ -8,7 +8,7 @@
 //! Service's own KUBE-SVC/KUBE-SEP chains and not the 30k-rule KUBE-SERVICES chain,
 //! which upstream's partial sync rewrites every time.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::fmt::Write as _;
 use std::net::IpAddr;
 
@@ -200,13 +200,89 @@ struct ServiceRules {
 /// (table, chain, rules) of a shared top-level chain.
 type TopChain = (&'static str, &'static str, Vec<String>);
 
+impl ServiceRules {
+    /// Whether this service port's share of the top-level chains is unchanged.
+    fn same_fragments(&self, other: &ServiceRules) -> bool {
+        self.nat_services == other.nat_services
+            && self.nat_nodeports == other.nat_nodeports
+            && self.filter_services == other.filter_services
+            && self.filter_external == other.filter_external
+            && self.filter_nodeports == other.filter_nodeports
+            && self.filter_firewall == other.filter_firewall
+    }
+}
+
 struct CacheEntry {
     generation: u64,
     rules: ServiceRules,
     chain_hashes: HashMap<String, u64>,
     spn: ServicePortName,
     port: ServicePort,
-    local_ready_ips: Vec<IpAddr>,
+}
+
+/// Running totals over the cache, kept as entries change.
+#[derive(Default)]
+struct Counts {
+    filter_fragments: usize,
+    nat_fragments: usize,
+    nat_own: usize,
+    no_local_internal: usize,
+    no_local_external: usize,
+}
+
+/// Restore input being assembled: chains to (re)write and chains to delete. A chain
+/// written twice in one sync keeps its last content, so no chain is declared twice.
+#[derive(Default)]
+struct Emit {
+    order: Vec<String>,
+    chunks: HashMap<String, String>,
+    deleted: BTreeSet<String>,
+    changed_services: BTreeSet<String>,
+    touched: HashSet<ServicePortName>,
+}
+
+impl Emit {
+    fn chain(&mut self, name: &str, rules: &[String]) {
+        let mut chunk = String::with_capacity(rules.iter().map(|r| r.len() + 1).sum());
+        for r in rules {
+            chunk.push_str(r);
+            chunk.push('\n');
+        }
+        if self.chunks.insert(name.to_string(), chunk).is_none() {
+            self.order.push(name.to_string());
+        }
+        self.deleted.remove(name);
+    }
+
+    fn delete(&mut self, name: &str) {
+        self.chunks.remove(name);
+        self.deleted.insert(name.to_string());
+    }
+
+    fn is_empty(&self) -> bool {
+        self.chunks.is_empty() && self.deleted.is_empty()
+    }
+
+    fn written(&self) -> usize {
+        self.chunks.len()
+    }
+
+    /// (chain declarations, rule and deletion lines).
+    fn finish(&self) -> (String, String) {
+        let mut decls = String::new();
+        let mut text = String::new();
+        for name in &self.order {
+            if let Some(chunk) = self.chunks.get(name) {
+                let _ = writeln!(decls, ":{name} - [0:0]");
+                text.push_str(chunk);
+            }
+        }
+        for name in &self.deleted {
+            let _ = writeln!(decls, ":{name} - [0:0]");
+            let _ = writeln!(text, "-X {name}");
+        }
+        (decls, text)
+    }
 }
 
 /// A UDP conntrack cleanup the caller should run after a successful restore.
@@ -246,7 +322,9 @@ pub struct RenderStats {
 
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct RenderOutput {
-    /// Input for `iptables-restore --noflush`; empty when nothing changed.
+    /// Input for `iptables-restore --noflush`; empty when nothing changed. Not in the
+    /// JSON: it is handed over as a string of its own.
+    #[serde(skip)]
     pub text: String,
     pub stats: RenderStats,
     pub conntrack: Vec<ConntrackCleanup>,
@@ -260,7 +338,18 @@ pub struct IptablesRenderer {
     cfg: IptablesConfig,
     res: Resolved,
     cache: BTreeMap<ServicePortName, CacheEntry>,
+    by_service: HashMap<String, Vec<ServicePortName>>,
+    /// The model generation this renderer has seen.
+    seen_generation: u64,
     top_hashes: HashMap<(&'static str, &'static str), u64>,
+    /// Some Service's share of the top-level chains changed since they were built.
+    top_dirty: bool,
+    counts: Counts,
+    /// (filter, nat) rules of the top-level chains that belong to no Service.
+    static_rules: (usize, usize),
+    total_endpoints: usize,
+    /// Health check node port and local ready endpoint IPs per service port.
+    health: BTreeMap<ServicePortName, (u16, Vec<IpAddr>)>,
     needs_full: bool,
     large_cluster: bool,
 }
@@ -318,7 +407,14 @@ impl IptablesRenderer {
             cfg,
             res,
             cache: BTreeMap::new(),
+            by_service: HashMap::new(),
+            seen_generation: 0,
             top_hashes: HashMap::new(),
+            top_dirty: true,
+            counts: Counts::default(),
+            static_rules: (0, 0),
+            total_endpoints: 0,
+            health: BTreeMap::new(),
             needs_full: true,
             large_cluster: false,
         })
@@ -330,10 +426,8 @@ impl IptablesRenderer {
 
     /// Change the node-level config (e.g. node labels changed): forces a full sync.
     pub fn set_config(&mut self, cfg: IptablesConfig) -> Result<()> {
-        self.res = cfg.resolve()?;
-        self.cfg = cfg;
-        self.cache.clear();
-        self.needs_full = true;
+        let fresh = IptablesRenderer::new(cfg)?;
+        *self = fresh;
         Ok(())
     }
 
@@ -721,11 +815,27 @@ impl IptablesRenderer {
             own.push((fw.to_string(), rules));
         }
         let large = self.large_cluster;
+        // sha256 per endpoint once, not once per rule that names its chain.
+        let sep_names: HashMap<String, String> = cat
+            .all_reachable
+            .iter()
+            .map(|e| {
+                let addr = e.addr();
+                let name = endpoint_chain(&svc.name, &addr);
+                (addr, name)
+            })
+            .collect();
+        let sep_of = |addr: &str| -> String {
+            sep_names
+                .get(addr)
+                .cloned()
+                .unwrap_or_else(|| endpoint_chain(&svc.name, addr))
+        };
         let policy_rules =
             |chain: &str, eps: &[crate::model::Endpoint], mut rules: Vec<String>| -> Vec<String> {
                 if let Some(timeout) = svc.affinity_timeout {
                     for ep in eps {
-                        let sep = endpoint_chain(&svc.name, &ep.addr());
+                        let sep = sep_of(&ep.addr());
                         let c = if large {
                             String::new()
                         } else {
@@ -750,7 +860,7 @@ impl IptablesRenderer {
                 }
                 let n = eps.len();
                 for (i, ep) in eps.iter().enumerate() {
-                    let sep = endpoint_chain(&svc.name, &ep.addr());
+                    let sep = sep_of(&ep.addr());
                     let c = if large {
                         String::new()
                     } else {
@@ -797,7 +907,7 @@ impl IptablesRenderer {
         }
         for ep in &cat.all_reachable {
             let addr = ep.addr();
-            let sep = endpoint_chain(&svc.name, &addr);
+            let sep = sep_of(&addr);
             let c = if large {
                 String::new()
             } else {
@@ -952,244 +1062,143 @@ impl IptablesRenderer {
     /// Render a sync. `full` forces a full sync (also forced after `abort`);
     /// `saved` is `iptables-save` output of the filter and nat tables, read on full
     /// syncs to find stale service chains and missing jump rules.
+    ///
+    /// Cost is proportional to what changed: the model's change log names the
+    /// Services changed since the last render, per-chain hashes decide what to write,
+    /// and the shared top-level chains are rebuilt only when a Service's share of
+    /// them changed. Counters and health checks are kept up to date incrementally.
     pub fn render(&mut self, model: &Model, full: bool, saved: Option<&str>) -> RenderOutput {
         let full = full || self.needs_full;
         let mut out = RenderOutput::default();
+        let mut em = Emit::default();
         if full {
-            // Forget what we believe is applied; every chain is written.
+            // Forget what we believe is applied: every chain is written.
             self.top_hashes.clear();
         }
-        // Pass 1: which service ports changed.
-        let mut live: BTreeSet<ServicePortName> = BTreeSet::new();
-        let mut dirty: Vec<(ServicePortName, ServicePort, u64)> = Vec::new();
-        let mut services = 0;
-        for svc in model.services() {
-            services += 1;
-            let generation = model.generation(&svc.key);
-            for sp in &svc.ports {
-                if sp.cluster_ip(self.cfg.family).is_none() {
-                    continue;
-                }
-                live.insert(sp.name.clone());
-                let stale = match self.cache.get(&sp.name) {
-                    Some(e) => e.generation != generation || e.port != *sp,
-                    None => true,
-                };
-                if stale {
-                    dirty.push((sp.name.clone(), sp.clone(), generation));
-                }
-            }
-        }
-        let removed: Vec<ServicePortName> = self
-            .cache
-            .keys()
-            .filter(|k| !live.contains(*k))
-            .cloned()
+        // Large-cluster mode (upstream: more than 1000 endpoints) is decided before
+        // rendering, from the model's running total, so a cold start renders once.
+        let large = model.total_endpoints() > LARGE_CLUSTER_ENDPOINTS;
+        let flipped = large != self.large_cluster;
+        self.large_cluster = large;
+        let changed: Vec<String> = model
+            .changed_since(self.seen_generation)
+            .map(|k| k.to_string())
             .collect();
-
-        // Large-cluster mode depends on the total endpoint count; when it flips,
-        // every service port is rendered again.
-        let mut total_endpoints: usize = self
-            .cache
-            .iter()
-            .filter(|(k, _)| live.contains(*k))
-            .map(|(_, e)| e.rules.endpoint_count)
-            .sum();
-        for (spn, _, _) in &dirty {
-            if let Some(e) = self.cache.get(spn) {
-                total_endpoints -= e.rules.endpoint_count;
-            }
-            total_endpoints += model.endpoints(spn, self.cfg.family).len();
-        }
-        let large = total_endpoints > LARGE_CLUSTER_ENDPOINTS;
-        if large != self.large_cluster {
-            self.large_cluster = large;
-            dirty.clear();
-            for svc in model.services() {
-                let generation = model.generation(&svc.key);
-                for sp in &svc.ports {
-                    if live.contains(&sp.name) {
-                        dirty.push((sp.name.clone(), sp.clone(), generation));
-                    }
+        self.seen_generation = model.current_generation();
+        let mut rendered = 0usize;
+        for key in &changed {
+            let generation = model.generation(key);
+            let new_ports: Vec<&ServicePort> = model
+                .service(key)
+                .map(|s| {
+                    s.ports
+                        .iter()
+                        .filter(|p| p.cluster_ip(self.cfg.family).is_some())
+                        .collect()
+                })
+                .unwrap_or_default();
+            let old_spns = self.by_service.remove(key).unwrap_or_default();
+            for spn in old_spns {
+                if !new_ports.iter().any(|p| p.name == spn) {
+                    self.remove_entry(&spn, full, &mut em, &mut out);
                 }
             }
-        }
-
-        let mut chain_text = String::new();
-        let mut chain_decls = String::new();
-        let mut deleted = 0usize;
-        let mut written = 0usize;
-        let mut changed_services: BTreeSet<String> = BTreeSet::new();
-
-        let emit_chain = |decls: &mut String, text: &mut String, name: &str, rules: &[String]| {
-            let _ = writeln!(decls, ":{name} - [0:0]");
-            for r in rules {
-                text.push_str(r);
-                text.push('\n');
+            if !new_ports.is_empty() {
+                self.by_service.insert(
+                    key.clone(),
+                    new_ports.iter().map(|p| p.name.clone()).collect(),
+                );
             }
-        };
-
-        // Pass 2: render dirty service ports, emit their changed chains.
-        for (spn, sp, generation) in &dirty {
-            let (rules, local_ready_ips) = self.render_service(sp, model);
-            let new_hashes: HashMap<String, u64> = rules
-                .chains
-                .iter()
-                .map(|(n, r)| (n.clone(), hash_lines(r)))
+            for sp in new_ports {
+                self.update_entry(sp, generation, model, full, &mut em, &mut out);
+                rendered += 1;
+            }
+        }
+        // When large-cluster mode flipped, comments change everywhere: render the
+        // service ports that did not change above too.
+        if flipped {
+            let rest: Vec<(ServicePort, u64)> = self
+                .cache
+                .values()
+                .filter(|e| !em.touched.contains(&e.spn))
+                .map(|e| (e.port.clone(), e.generation))
                 .collect();
-            let old = self.cache.remove(spn);
-            if let Some(old) = &old {
-                if sp.name.protocol == Protocol::Udp {
-                    conntrack_changes(
-                        &mut out.conntrack,
-                        self.cfg.family,
-                        &old.port,
-                        &old.rules,
-                        sp,
-                        &rules,
-                    );
-                }
-                for name in old.chain_hashes.keys() {
-                    if !new_hashes.contains_key(name) && !full {
-                        let _ = writeln!(chain_decls, ":{name} - [0:0]");
-                        let _ = writeln!(chain_text, "-X {name}");
-                        deleted += 1;
-                    }
-                }
-            } else if sp.name.protocol == Protocol::Udp && !rules.reachable.is_empty() {
-                conntrack_gained(&mut out.conntrack, self.cfg.family, sp);
-            }
-            for (name, r) in &rules.chains {
-                let same = !full
-                    && old.as_ref().and_then(|o| o.chain_hashes.get(name)) == new_hashes.get(name);
-                if !same {
-                    emit_chain(&mut chain_decls, &mut chain_text, name, r);
-                    written += 1;
-                    changed_services.insert(spn.service_key());
-                }
-            }
-            if old.as_ref().map(|o| &o.rules) != Some(&rules) {
-                changed_services.insert(spn.service_key());
-            }
-            self.cache.insert(
-                spn.clone(),
-                CacheEntry {
-                    generation: *generation,
-                    rules,
-                    chain_hashes: new_hashes,
-                    spn: spn.clone(),
-                    port: sp.clone(),
-                    local_ready_ips,
-                },
-            );
-        }
-        for spn in &removed {
-            if let Some(old) = self.cache.remove(spn) {
-                changed_services.insert(spn.service_key());
-                if !full {
-                    for name in old.chain_hashes.keys() {
-                        let _ = writeln!(chain_decls, ":{name} - [0:0]");
-                        let _ = writeln!(chain_text, "-X {name}");
-                        deleted += 1;
-                    }
-                }
-                if spn.protocol == Protocol::Udp {
-                    if let Some(ip) = old.port.cluster_ip(self.cfg.family) {
-                        out.conntrack.push(ConntrackCleanup {
-                            kind: "service-ip".into(),
-                            ip: Some(ip.to_string()),
-                            port: old.port.port,
-                            endpoint_ip: None,
-                            protocol: "udp".into(),
-                        });
-                    }
-                }
+            for (sp, generation) in rest {
+                self.update_entry(&sp, generation, model, full, &mut em, &mut out);
+                rendered += 1;
             }
         }
-        // On a full sync, service chains are written for every service port.
+        // On a full sync, the chains of Services that did not change are written too.
         if full {
             for e in self.cache.values() {
-                if dirty.iter().any(|(n, _, _)| *n == e.spn) {
+                if em.touched.contains(&e.spn) {
                     continue;
                 }
                 for (name, r) in &e.rules.chains {
-                    emit_chain(&mut chain_decls, &mut chain_text, name, r);
-                    written += 1;
+                    em.chain(name, r);
                 }
             }
         }
 
-        // Top-level chains: written when their content changed.
-        let top = self.top_level();
-        let mut filter_decls = String::new();
-        let mut filter_text = String::new();
-        let mut nat_top_decls = String::new();
-        let mut nat_top_text = String::new();
-        let mut filter_rules = 0;
-        let mut nat_rules = 0;
-        for (table, name, rules) in &top {
-            if *table == "filter" {
-                filter_rules += rules.len();
-            } else {
-                nat_rules += rules.len();
+        // Top-level chains: rebuilt when some Service's share changed, written when
+        // their content differs from what was applied.
+        let mut filter = Emit::default();
+        let mut nat_top = Emit::default();
+        if full || self.top_dirty {
+            let top = self.top_level();
+            let (mut f_total, mut n_total) = (0usize, 0usize);
+            for (table, name, rules) in &top {
+                if *table == "filter" {
+                    f_total += rules.len();
+                } else {
+                    n_total += rules.len();
+                }
+                let h = hash_lines(rules);
+                if !full && self.top_hashes.get(&(*table, *name)) == Some(&h) {
+                    continue;
+                }
+                self.top_hashes.insert((*table, *name), h);
+                if *table == "filter" {
+                    filter.chain(name, rules);
+                } else {
+                    nat_top.chain(name, rules);
+                }
             }
-            let h = hash_lines(rules);
-            if !full && self.top_hashes.get(&(*table, *name)) == Some(&h) {
-                continue;
-            }
-            self.top_hashes.insert((*table, *name), h);
-            written += 1;
-            if *table == "filter" {
-                emit_chain(&mut filter_decls, &mut filter_text, name, rules);
-            } else {
-                emit_chain(&mut nat_top_decls, &mut nat_top_text, name, rules);
-            }
+            self.static_rules = (
+                f_total - self.counts.filter_fragments,
+                n_total - self.counts.nat_fragments,
+            );
+            self.top_dirty = false;
         }
-        nat_rules += self
-            .cache
-            .values()
-            .map(|e| e.rules.chains.iter().map(|(_, r)| r.len()).sum::<usize>())
-            .sum::<usize>();
 
         // Full sync: delete stale service chains and add missing jumps found in `saved`.
         let mut jumps_filter = String::new();
         let mut jumps_nat = String::new();
         if full {
-            if let Some(saved) = saved {
-                let existing = parse_saved(saved);
-                let desired: BTreeSet<&str> = self
+            let existing = saved.map(parse_saved);
+            if let Some(nat) = existing.as_ref().and_then(|e| e.get("nat")) {
+                let desired: HashSet<&str> = self
                     .cache
                     .values()
                     .flat_map(|e| e.rules.chains.iter().map(|(n, _)| n.as_str()))
                     .collect();
-                if let Some(nat) = existing.get("nat") {
-                    for chain in &nat.chains {
-                        if is_service_chain(chain) && !desired.contains(chain.as_str()) {
-                            let _ = writeln!(chain_decls, ":{chain} - [0:0]");
-                            let _ = writeln!(chain_text, "-X {chain}");
-                            deleted += 1;
-                        }
+                for chain in &nat.chains {
+                    if is_service_chain(chain) && !desired.contains(chain.as_str()) {
+                        em.delete(chain);
                     }
                 }
-                for j in jump_rules(self.res.localhost_nodeports) {
-                    let present = existing.get(j.table).is_some_and(|t| {
+            }
+            for j in jump_rules(self.res.localhost_nodeports) {
+                let present = existing.as_ref().is_some_and(|ex| {
+                    ex.get(j.table).is_some_and(|t| {
                         t.rules.iter().any(|r| {
                             r.starts_with(&format!("-A {} ", j.src))
                                 && r.ends_with(&format!("-j {}", j.dst))
                                 && (j.comment.is_empty() || r.contains(&cmt(j.comment)))
                         })
-                    });
-                    if !present {
-                        let target = if j.table == "filter" {
-                            &mut jumps_filter
-                        } else {
-                            &mut jumps_nat
-                        };
-                        let _ = writeln!(target, "-I {} 1 {}", j.src, j.spec());
-                    }
-                }
-            } else {
-                for j in jump_rules(self.res.localhost_nodeports) {
+                    })
+                });
+                if !present {
                     let target = if j.table == "filter" {
                         &mut jumps_filter
                     } else {
@@ -1201,36 +1210,33 @@ impl IptablesRenderer {
         }
 
         let mut text = String::new();
-        if !filter_decls.is_empty() || !jumps_filter.is_empty() {
+        if !filter.is_empty() || !jumps_filter.is_empty() {
+            let (decls, rules) = filter.finish();
             text.push_str("*filter\n");
-            text.push_str(&filter_decls);
-            text.push_str(&filter_text);
+            text.push_str(&decls);
+            text.push_str(&rules);
             text.push_str(&jumps_filter);
             text.push_str("COMMIT\n");
         }
-        if !nat_top_decls.is_empty() || !chain_decls.is_empty() || !jumps_nat.is_empty() {
+        if !nat_top.is_empty() || !em.is_empty() || !jumps_nat.is_empty() {
+            let (top_decls, top_rules) = nat_top.finish();
+            let (decls, rules) = em.finish();
             text.push_str("*nat\n");
-            text.push_str(&nat_top_decls);
-            text.push_str(&chain_decls);
-            text.push_str(&nat_top_text);
-            text.push_str(&chain_text);
+            text.push_str(&top_decls);
+            text.push_str(&decls);
+            text.push_str(&top_rules);
+            text.push_str(&rules);
             text.push_str(&jumps_nat);
             text.push_str("COMMIT\n");
         }
         out.text = text;
 
         let mut hc: BTreeMap<u16, (String, BTreeSet<IpAddr>)> = BTreeMap::new();
-        let mut no_local_int = 0;
-        let mut no_local_ext = 0;
-        for e in self.cache.values() {
-            if e.port.health_check_node_port != 0 {
-                let entry = hc
-                    .entry(e.port.health_check_node_port)
-                    .or_insert_with(|| (e.spn.service_key(), BTreeSet::new()));
-                entry.1.extend(e.local_ready_ips.iter().copied());
-            }
-            no_local_int += e.rules.no_local_internal as usize;
-            no_local_ext += e.rules.no_local_external as usize;
+        for (spn, (port, ips)) in &self.health {
+            let entry = hc
+                .entry(*port)
+                .or_insert_with(|| (spn.service_key(), BTreeSet::new()));
+            entry.1.extend(ips.iter().copied());
         }
         out.health_checks = hc
             .into_iter()
@@ -1240,24 +1246,159 @@ impl IptablesRenderer {
                 local_endpoints: ips.len(),
             })
             .collect();
-        out.changed_services = changed_services.into_iter().collect();
+        out.changed_services = std::mem::take(&mut em.changed_services)
+            .into_iter()
+            .collect();
         out.stats = RenderStats {
             full,
-            services,
+            services: model.service_count(),
             service_ports: self.cache.len(),
-            rendered_service_ports: dirty.len(),
-            endpoints: total_endpoints,
-            filter_rules,
-            nat_rules,
-            written_chains: written,
-            deleted_chains: deleted,
-            no_local_endpoints_internal: no_local_int,
-            no_local_endpoints_external: no_local_ext,
+            rendered_service_ports: rendered,
+            endpoints: self.total_endpoints,
+            filter_rules: self.counts.filter_fragments + self.static_rules.0,
+            nat_rules: self.counts.nat_fragments + self.counts.nat_own + self.static_rules.1,
+            written_chains: em.written() + filter.written() + nat_top.written(),
+            deleted_chains: em.deleted.len(),
+            no_local_endpoints_internal: self.counts.no_local_internal,
+            no_local_endpoints_external: self.counts.no_local_external,
             large_cluster_mode: self.large_cluster,
         };
         // Until commit() says the restore worked, the next render must be full.
         self.needs_full = true;
         out
+    }
+
+    /// Account an entry's contribution to the running counters (sign +1 or -1).
+    fn account(&mut self, e: &CacheEntry, add: bool) {
+        let r = &e.rules;
+        let c = &mut self.counts;
+        let f = r.filter_services.len()
+            + r.filter_external.len()
+            + r.filter_nodeports.len()
+            + r.filter_firewall.len();
+        let n = r.nat_services.len() + r.nat_nodeports.len();
+        let own: usize = r.chains.iter().map(|(_, rules)| rules.len()).sum();
+        if add {
+            c.filter_fragments += f;
+            c.nat_fragments += n;
+            c.nat_own += own;
+            c.no_local_internal += r.no_local_internal as usize;
+            c.no_local_external += r.no_local_external as usize;
+            self.total_endpoints += r.endpoint_count;
+        } else {
+            c.filter_fragments -= f;
+            c.nat_fragments -= n;
+            c.nat_own -= own;
+            c.no_local_internal -= r.no_local_internal as usize;
+            c.no_local_external -= r.no_local_external as usize;
+            self.total_endpoints -= r.endpoint_count;
+        }
+    }
+
+    fn update_entry(
+        &mut self,
+        sp: &ServicePort,
+        generation: u64,
+        model: &Model,
+        full: bool,
+        em: &mut Emit,
+        out: &mut RenderOutput,
+    ) {
+        let spn = &sp.name;
+        let (rules, local_ready_ips) = self.render_service(sp, model);
+        let new_hashes: HashMap<String, u64> = rules
+            .chains
+            .iter()
+            .map(|(n, r)| (n.clone(), hash_lines(r)))
+            .collect();
+        let old = self.cache.remove(spn);
+        em.touched.insert(spn.clone());
+        if let Some(old) = &old {
+            self.account(old, false);
+            if spn.protocol == Protocol::Udp {
+                conntrack_changes(
+                    &mut out.conntrack,
+                    self.cfg.family,
+                    &old.port,
+                    &old.rules,
+                    sp,
+                    &rules,
+                );
+            }
+            if !full {
+                for name in old.chain_hashes.keys() {
+                    if !new_hashes.contains_key(name) {
+                        em.delete(name);
+                    }
+                }
+            }
+            if !old.rules.same_fragments(&rules) {
+                self.top_dirty = true;
+            }
+        } else {
+            if spn.protocol == Protocol::Udp && !rules.reachable.is_empty() {
+                conntrack_gained(&mut out.conntrack, self.cfg.family, sp);
+            }
+            self.top_dirty = true;
+        }
+        for (name, r) in &rules.chains {
+            let same = !full
+                && old.as_ref().and_then(|o| o.chain_hashes.get(name)) == new_hashes.get(name);
+            if !same {
+                em.chain(name, r);
+                em.changed_services.insert(spn.service_key());
+            }
+        }
+        if old.as_ref().map(|o| &o.rules) != Some(&rules) {
+            em.changed_services.insert(spn.service_key());
+        }
+        if sp.health_check_node_port != 0 {
+            self.health
+                .insert(spn.clone(), (sp.health_check_node_port, local_ready_ips));
+        } else {
+            self.health.remove(spn);
+        }
+        let entry = CacheEntry {
+            generation,
+            rules,
+            chain_hashes: new_hashes,
+            spn: spn.clone(),
+            port: sp.clone(),
+        };
+        self.account(&entry, true);
+        self.cache.insert(spn.clone(), entry);
+    }
+
+    fn remove_entry(
+        &mut self,
+        spn: &ServicePortName,
+        full: bool,
+        em: &mut Emit,
+        out: &mut RenderOutput,
+    ) {
+        let Some(old) = self.cache.remove(spn) else {
+            return;
+        };
+        self.account(&old, false);
+        self.health.remove(spn);
+        self.top_dirty = true;
+        em.changed_services.insert(spn.service_key());
+        if !full {
+            for name in old.chain_hashes.keys() {
+                em.delete(name);
+            }
+        }
+        if spn.protocol == Protocol::Udp {
+            if let Some(ip) = old.port.cluster_ip(self.cfg.family) {
+                out.conntrack.push(ConntrackCleanup {
+                    kind: "service-ip".into(),
+                    ip: Some(ip.to_string()),
+                    port: old.port.port,
+                    endpoint_ip: None,
+                    protocol: "udp".into(),
+                });
+            }
+        }
     }
 }
 
@@ -1750,6 +1891,73 @@ mod tests {
                 .unwrap()
         )
         .is_err());
+    }
+
+    /// iptables-restore --noflush semantics for the lines the renderer writes.
+    fn apply(state: &mut BTreeMap<String, Vec<String>>, text: &str) {
+        let mut declared = BTreeSet::new();
+        let mut table = String::new();
+        for line in text.lines() {
+            if let Some(t) = line.strip_prefix('*') {
+                table = t.to_string();
+                declared.clear();
+            } else if let Some(c) = line.strip_prefix(':') {
+                let name = format!("{table}/{}", c.split_whitespace().next().unwrap());
+                assert!(declared.insert(name.clone()), "{name} declared twice");
+                state.insert(name, Vec::new());
+            } else if let Some(r) = line.strip_prefix("-A ") {
+                let name = format!("{table}/{}", r.split_whitespace().next().unwrap());
+                state
+                    .get_mut(&name)
+                    .expect("undeclared chain")
+                    .push(line.to_string());
+            } else if let Some(c) = line.strip_prefix("-X ") {
+                state.remove(&format!("{table}/{c}"));
+            }
+        }
+    }
+
+    #[test]
+    fn crossing_large_cluster_threshold_partially_converges() {
+        let mut m = model(240, 4);
+        let mut r = IptablesRenderer::new(cfg()).unwrap();
+        let mut state = BTreeMap::new();
+        apply(&mut state, &r.render(&m, true, None).text);
+        r.commit();
+        assert!(!r.large_cluster);
+        for i in 240..260 {
+            let svc = json!({"metadata": {"name": format!("s{i}"), "namespace": "ns"},
+                "spec": {"clusterIP": format!("10.96.1.{}", i - 200), "ports": [{"name": "p", "port": 80}]}});
+            m.set_service(&format!("ns/s{i}"), Some(&svc)).unwrap();
+            set_slice(&mut m, i, 4, 0);
+        }
+        let out = r.render(&m, false, None);
+        r.commit();
+        assert!(out.stats.large_cluster_mode && !out.stats.full);
+        apply(&mut state, &out.text);
+        let mut fresh = BTreeMap::new();
+        apply(
+            &mut fresh,
+            &IptablesRenderer::new(cfg())
+                .unwrap()
+                .render(&m, true, None)
+                .text,
+        );
+        assert_eq!(state, fresh);
+        // And back below the threshold.
+        for i in 100..260 {
+            m.set_service(&format!("ns/s{i}"), None).unwrap();
+        }
+        apply(&mut state, &r.render(&m, false, None).text);
+        let mut fresh = BTreeMap::new();
+        apply(
+            &mut fresh,
+            &IptablesRenderer::new(cfg())
+                .unwrap()
+                .render(&m, true, None)
+                .text,
+        );
+        assert_eq!(state, fresh);
     }
 
     #[test]

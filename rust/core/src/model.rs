@@ -174,6 +174,12 @@ pub struct Slice {
     pub ports: Vec<(String, Protocol, Vec<Endpoint>)>,
 }
 
+impl Slice {
+    fn endpoint_count(&self) -> usize {
+        self.ports.iter().map(|(_, _, eps)| eps.len()).sum()
+    }
+}
+
 fn get<'a>(v: &'a Value, path: &[&str]) -> Option<&'a Value> {
     let mut cur = v;
     for p in path {
@@ -585,7 +591,13 @@ pub struct Model {
     slices: HashMap<String, Slice>,
     slices_by_service: HashMap<String, BTreeSet<String>>,
     generations: HashMap<String, u64>,
+    /// generation -> service key, one entry per key (its latest change), so a
+    /// renderer finds what changed since its last sync in O(changes).
+    change_log: BTreeMap<u64, String>,
     next_generation: u64,
+    /// Endpoints over all slices, counted once per slice port (upstream's
+    /// endpointsMap size, which decides large-cluster mode).
+    total_endpoints: usize,
 }
 
 impl Model {
@@ -595,8 +607,30 @@ impl Model {
 
     fn bump(&mut self, service_key: &str) {
         self.next_generation += 1;
-        self.generations
-            .insert(service_key.to_string(), self.next_generation);
+        if let Some(old) = self
+            .generations
+            .insert(service_key.to_string(), self.next_generation)
+        {
+            self.change_log.remove(&old);
+        }
+        self.change_log
+            .insert(self.next_generation, service_key.to_string());
+    }
+
+    pub fn total_endpoints(&self) -> usize {
+        self.total_endpoints
+    }
+
+    /// The generation of the latest change (0 before any).
+    pub fn current_generation(&self) -> u64 {
+        self.next_generation
+    }
+
+    /// Keys of Services (present or deleted) changed after generation `since`.
+    pub fn changed_since(&self, since: u64) -> impl Iterator<Item = &str> {
+        self.change_log
+            .range(since.saturating_add(1)..)
+            .map(|(_, k)| k.as_str())
     }
 
     pub fn generation(&self, service_key: &str) -> u64 {
@@ -659,6 +693,7 @@ impl Model {
                 }
             }
             self.slices.remove(key);
+            self.total_endpoints -= old.endpoint_count();
             self.bump(&old.service_key);
         }
         if let Some(new) = new {
@@ -667,6 +702,7 @@ impl Model {
                 .or_default()
                 .insert(key.to_string());
             self.bump(&new.service_key);
+            self.total_endpoints += new.endpoint_count();
             self.slices.insert(key.to_string(), new);
         }
         Ok(warnings)

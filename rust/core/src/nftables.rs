@@ -60,7 +60,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::categorize::categorize;
 use crate::error::{Error, Result};
-use crate::hash::{chain_hash, hash_lines};
+use crate::hash::{chain_hash, fnv1a, hash_lines, FNV_OFFSET};
 use crate::iptables::{ConntrackCleanup, HealthCheck, LocalDetector};
 use crate::model::{Endpoint, Model, Protocol, ServicePort, ServicePortName};
 use crate::net::{Cidr, Family};
@@ -326,7 +326,6 @@ struct PortRules {
 }
 
 struct CacheEntry {
-    generation: u64,
     rules: PortRules,
     chain_hashes: HashMap<String, u64>,
     port: ServicePort,
@@ -366,6 +365,51 @@ pub struct RenderOutput {
 
 type ElementKey = (&'static str, String);
 
+/// FNV-1a for the per-sync generation scan (SipHash costs more than the rest of it).
+#[derive(Default)]
+struct Fnv(u64);
+
+impl std::hash::Hasher for Fnv {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        let h = if self.0 == 0 { FNV_OFFSET } else { self.0 };
+        self.0 = fnv1a(bytes, h);
+    }
+}
+
+type FnvBuild = std::hash::BuildHasherDefault<Fnv>;
+
+/// Aggregates over the cache, kept up to date on every insert and removal so a sync
+/// costs O(changed Services), not O(Services).
+#[derive(Default)]
+struct Totals {
+    chains: i64,
+    rules: i64,
+    endpoints: i64,
+    no_local_internal: i64,
+    no_local_external: i64,
+    health_checked: BTreeSet<ServicePortName>,
+}
+
+impl Totals {
+    fn account(&mut self, spn: &ServicePortName, e: &CacheEntry, sign: i64) {
+        self.chains += sign * e.rules.chains.len() as i64;
+        self.rules += sign * e.rules.chains.iter().map(|(_, r)| r.len()).sum::<usize>() as i64;
+        self.endpoints += sign * e.rules.endpoint_count as i64;
+        self.no_local_internal += sign * e.rules.no_local_internal as i64;
+        self.no_local_external += sign * e.rules.no_local_external as i64;
+        if e.port.health_check_node_port != 0 {
+            if sign > 0 {
+                self.health_checked.insert(spn.clone());
+            } else {
+                self.health_checked.remove(spn);
+            }
+        }
+    }
+}
+
 /// Renders `nft -f` input for one family and remembers what was applied.
 pub struct NftablesRenderer {
     cfg: NftablesConfig,
@@ -374,6 +418,10 @@ pub struct NftablesRenderer {
     /// Every desired element with its owners (service port -> value); the value in the
     /// kernel is the first owner's.
     elements: HashMap<ElementKey, BTreeMap<ServicePortName, String>>,
+    totals: Totals,
+    /// Model generation last rendered, and this family's service ports, per Service.
+    svc_gens: HashMap<String, u64, FnvBuild>,
+    svc_ports: HashMap<String, Vec<ServicePortName>, FnvBuild>,
     needs_full: bool,
 }
 
@@ -389,6 +437,9 @@ impl NftablesRenderer {
             res,
             cache: BTreeMap::new(),
             elements: HashMap::new(),
+            totals: Totals::default(),
+            svc_gens: HashMap::default(),
+            svc_ports: HashMap::default(),
             needs_full: true,
         })
     }
@@ -403,6 +454,9 @@ impl NftablesRenderer {
         self.cfg = cfg;
         self.cache.clear();
         self.elements.clear();
+        self.totals = Totals::default();
+        self.svc_gens.clear();
+        self.svc_ports.clear();
         self.needs_full = true;
         Ok(())
     }
@@ -885,33 +939,56 @@ impl NftablesRenderer {
         let t = format!("{} {TABLE}", self.res.fam);
         let mut out = RenderOutput::default();
 
-        // Pass 1: which service ports changed.
-        let mut live: BTreeSet<ServicePortName> = BTreeSet::new();
-        let mut dirty: Vec<(ServicePort, u64)> = Vec::new();
+        // Pass 1: which service ports changed. The model bumps a Service's generation
+        // on every change of it or its slices; this pass compares one number per
+        // Service (FNV-hashed key, no allocation) and runs on every sync.
+        let mut dirty: Vec<ServicePort> = Vec::new();
+        let mut removed: Vec<ServicePortName> = Vec::new();
         let mut services = 0;
+        let (mut known, mut newly) = (0usize, 0usize);
         for svc in model.services() {
             services += 1;
             let generation = model.generation(&svc.key);
+            match self.svc_gens.get_mut(svc.key.as_str()) {
+                Some(g) => {
+                    known += 1;
+                    if *g == generation {
+                        continue;
+                    }
+                    *g = generation;
+                }
+                None => {
+                    newly += 1;
+                    self.svc_gens.insert(svc.key.clone(), generation);
+                }
+            }
+            let old_ports = self.svc_ports.remove(&svc.key).unwrap_or_default();
+            let mut new_ports = Vec::with_capacity(svc.ports.len());
             for sp in &svc.ports {
                 if sp.cluster_ip(family).is_none() {
                     continue;
                 }
-                live.insert(sp.name.clone());
-                let stale = match self.cache.get(&sp.name) {
-                    Some(e) => e.generation != generation || e.port != *sp,
-                    None => true,
-                };
-                if stale {
-                    dirty.push((sp.clone(), generation));
-                }
+                new_ports.push(sp.name.clone());
+                dirty.push(sp.clone());
+            }
+            removed.extend(old_ports.into_iter().filter(|p| !new_ports.contains(p)));
+            self.svc_ports.insert(svc.key.clone(), new_ports);
+        }
+        // Some known Service is gone from the model: find which (only then is a set built).
+        if known + newly < self.svc_gens.len() {
+            let live: std::collections::HashSet<&str> =
+                model.services().map(|s| s.key.as_str()).collect();
+            let gone: Vec<String> = self
+                .svc_gens
+                .keys()
+                .filter(|k| !live.contains(k.as_str()))
+                .cloned()
+                .collect();
+            for k in gone {
+                self.svc_gens.remove(&k);
+                removed.extend(self.svc_ports.remove(&k).unwrap_or_default());
             }
         }
-        let removed: Vec<ServicePortName> = self
-            .cache
-            .keys()
-            .filter(|k| !live.contains(*k))
-            .cloned()
-            .collect();
 
         // Element keys touched this sync, with the value the kernel held before.
         let mut touched: HashMap<ElementKey, Option<String>> = HashMap::new();
@@ -947,7 +1024,7 @@ impl NftablesRenderer {
             }
         };
 
-        for (sp, generation) in &dirty {
+        for sp in &dirty {
             let (rules, local_ready_ips) = self.render_port(sp, model);
             if let Some(v) = &rules.unsupported_algorithm {
                 out.unsupported_algorithms
@@ -960,6 +1037,7 @@ impl NftablesRenderer {
                 .collect();
             let old = self.cache.remove(&sp.name);
             if let Some(old) = &old {
+                self.totals.account(&sp.name, old, -1);
                 if sp.name.protocol == Protocol::Udp {
                     conntrack_changes(
                         &mut out.conntrack,
@@ -1027,21 +1105,20 @@ impl NftablesRenderer {
             if old.as_ref().map(|o| &o.rules) != Some(&rules) {
                 changed_services.insert(sp.name.service_key());
             }
-            self.cache.insert(
-                sp.name.clone(),
-                CacheEntry {
-                    generation: *generation,
-                    rules,
-                    chain_hashes: new_hashes,
-                    port: sp.clone(),
-                    local_ready_ips,
-                },
-            );
+            let entry = CacheEntry {
+                rules,
+                chain_hashes: new_hashes,
+                port: sp.clone(),
+                local_ready_ips,
+            };
+            self.totals.account(&sp.name, &entry, 1);
+            self.cache.insert(sp.name.clone(), entry);
         }
         for spn in &removed {
             let Some(old) = self.cache.remove(spn) else {
                 continue;
             };
+            self.totals.account(spn, &old, -1);
             changed_services.insert(spn.service_key());
             for (set, key, _) in &old.rules.elements {
                 drop_owner(&mut self.elements, &mut touched, spn, set, key);
@@ -1143,21 +1220,16 @@ impl NftablesRenderer {
         out.text = text;
 
         let mut hc: BTreeMap<u16, (String, BTreeSet<IpAddr>)> = BTreeMap::new();
-        let (mut no_local_int, mut no_local_ext) = (0, 0);
-        let (mut chains, mut rules, mut endpoints) = (0, 0, 0);
-        for (spn, e) in &self.cache {
-            if e.port.health_check_node_port != 0 {
-                let entry = hc
-                    .entry(e.port.health_check_node_port)
-                    .or_insert_with(|| (spn.service_key(), BTreeSet::new()));
-                entry.1.extend(e.local_ready_ips.iter().copied());
-            }
-            no_local_int += e.rules.no_local_internal as usize;
-            no_local_ext += e.rules.no_local_external as usize;
-            chains += e.rules.chains.len();
-            rules += e.rules.chains.iter().map(|(_, r)| r.len()).sum::<usize>();
-            endpoints += e.rules.endpoint_count;
+        for spn in &self.totals.health_checked {
+            let Some(e) = self.cache.get(spn) else {
+                continue;
+            };
+            let entry = hc
+                .entry(e.port.health_check_node_port)
+                .or_insert_with(|| (spn.service_key(), BTreeSet::new()));
+            entry.1.extend(e.local_ready_ips.iter().copied());
         }
+        let tot = &self.totals;
         out.health_checks = hc
             .into_iter()
             .map(|(port, (service, ips))| HealthCheck {
@@ -1172,16 +1244,16 @@ impl NftablesRenderer {
             services,
             service_ports: self.cache.len(),
             rendered_service_ports: dirty.len(),
-            endpoints,
-            chains,
-            rules,
+            endpoints: tot.endpoints.max(0) as usize,
+            chains: tot.chains.max(0) as usize,
+            rules: tot.rules.max(0) as usize,
             elements: self.elements.len(),
             written_chains: written,
             deleted_chains: deleted,
             added_elements,
             deleted_elements,
-            no_local_endpoints_internal: no_local_int,
-            no_local_endpoints_external: no_local_ext,
+            no_local_endpoints_internal: tot.no_local_internal.max(0) as usize,
+            no_local_endpoints_external: tot.no_local_external.max(0) as usize,
         };
         // Until commit() says the transaction worked, the next render must be full.
         self.needs_full = true;

@@ -191,6 +191,13 @@ fn service_add_and_remove_are_element_and_chain_updates() {
         .text
         .contains("delete element ip kube-proxy cluster-ips { 10.96.0.10 }"));
     assert_eq!(out.stats.deleted_chains, 1);
+    // The running totals match a fresh full render of the same model.
+    let fresh = NftablesRenderer::new(cfg()).unwrap().render(&m, true).stats;
+    assert_eq!(
+        (out.stats.chains, out.stats.rules, out.stats.endpoints),
+        (fresh.chains, fresh.rules, fresh.endpoints)
+    );
+    assert_eq!(out.stats.elements, fresh.elements);
 }
 
 #[test]

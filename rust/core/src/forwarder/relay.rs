@@ -1,7 +1,7 @@
 //! Moving bytes between the client and the endpoint of one TCP connection.
 //!
 //! Each direction splices socket -> pipe -> socket inside the kernel (no copy to user
-//! space). At most one pipe's worth (64 KiB) is in flight per direction, so a slow
+//! space). At most one pipe's worth (256 KiB) is in flight per direction, so a slow
 //! reader stops the other side by TCP flow control instead of growing a buffer. The pipe
 //! goes back to a shared pool whenever the direction is drained, so idle connections
 //! hold no pipe. Where splice is refused (EINVAL, e.g. a socket type without
@@ -20,7 +20,7 @@ use tokio::net::TcpStream;
 
 use super::sys::{self, PipePool};
 
-const CHUNK: usize = 64 * 1024;
+const CHUNK: usize = sys::PIPE_SIZE;
 const COPY_BUFFER: usize = 16 * 1024;
 
 /// How a relay ended.

@@ -118,6 +118,9 @@ pub fn raise_nofile(want: u64) -> u64 {
     rl.rlim_cur
 }
 
+/// Bytes a pipe holds: at most this much is in flight per direction of a connection.
+pub const PIPE_SIZE: usize = 256 * 1024;
+
 /// One pipe for splice(2): bytes move socket -> pipe -> socket inside the kernel.
 pub struct Pipe {
     pub r: OwnedFd,
@@ -133,12 +136,23 @@ impl Pipe {
             return Err(io::Error::last_os_error());
         }
         // SAFETY: pipe2 returned two fresh descriptors we now own.
-        Ok(unsafe {
+        let p = unsafe {
             Pipe {
                 r: OwnedFd::from_raw_fd(fds[0]),
                 w: OwnedFd::from_raw_fd(fds[1]),
             }
-        })
+        };
+        // Larger pipes mean fewer splice calls per byte on fast streams; best effort
+        // (capped by fs.pipe-max-size, and by the per-user pipe quota).
+        // SAFETY: plain fcntl on a descriptor we own.
+        unsafe {
+            libc::fcntl(
+                p.w.as_raw_fd(),
+                libc::F_SETPIPE_SZ,
+                PIPE_SIZE as libc::c_int,
+            );
+        }
+        Ok(p)
     }
 }
 

@@ -482,10 +482,18 @@ def test_metrics_and_cleanup(env: Env) -> None:
         text
     )
     assert "kproxy_userspace_bytes_total" in text
-    listed = subprocess.run(["nft", "list", "table", "inet", "kproxy-userspace"], check=False)
-    assert listed.returncode == 0
+    from kproxy.dataplane import leftovers
+
+    def present() -> bool:
+        cmd = ["nft", "list", "table", "inet", "kproxy-userspace"]
+        return subprocess.run(cmd, capture_output=True, check=False).returncode == 0
+
+    assert present()
+    leftovers.remove_other_modes("userspace")  # a mode keeps its own table
+    assert present()
     assert UserspaceBackend.cleanup_static() is False
-    listed = subprocess.run(
-        ["nft", "list", "table", "inet", "kproxy-userspace"], capture_output=True, check=False
-    )
-    assert listed.returncode != 0
+    assert not present()
+    env.backend.sync(env.model, True)  # back; starting another mode removes it
+    assert present()
+    leftovers.remove_other_modes("nftables")
+    assert not present()

@@ -14,15 +14,18 @@ NFT_TABLES = (("ip", "kube-proxy"), ("ip6", "kube-proxy"), ("inet", "kproxy-user
 IPVS_INTERFACE = "kube-ipvs0"
 
 
-def remove_nft_tables() -> bool:
-    """Delete our nftables tables where present; True when something failed."""
+def remove_nft_tables(keep: tuple[tuple[str, str], ...] = ()) -> bool:
+    """Delete our nftables tables (but those in `keep`) where present; True when
+    something failed."""
     nft = shutil.which("nft")
     if nft is None:
         return False
     failed = False
     for family, table in NFT_TABLES:
+        if (family, table) in keep:
+            continue
         probe = subprocess.run(
-            [nft, "list", "table", family, table, "-t"],
+            [nft, "-t", "list", "table", family, table],  # options before the command
             capture_output=True,
             text=True,
             timeout=60,
@@ -65,7 +68,12 @@ def remove_ipvs_interface() -> bool:
 
 def remove_other_modes(mode: str) -> None:
     """Called at start: remove leftovers of every mode but `mode`."""
-    if mode != "nftables" and mode != "userspace":
-        remove_nft_tables()
+    # Each mode keeps only its own table: a leftover userspace capture table would
+    # redirect Service traffic to a forwarder that no longer runs.
+    own = {
+        "nftables": (("ip", "kube-proxy"), ("ip6", "kube-proxy")),
+        "userspace": (("inet", "kproxy-userspace"),),
+    }
+    remove_nft_tables(keep=own.get(mode, ()))
     if mode != "ipvs":
         remove_ipvs_interface()

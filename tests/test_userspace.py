@@ -284,6 +284,23 @@ def test_udp_sessions_reply_from_service_address(env: Env) -> None:
     assert env.stats("dns")["connections"] == 4
 
 
+def test_udp_session_moves_when_its_endpoint_is_removed(env: Env) -> None:
+    env.udp_echo("127.0.0.2", 5354)
+    env.udp_echo("127.0.0.3", 5354)
+    eps = [("127.0.0.2", 5354), ("127.0.0.3", 5354)]
+    env.apply(service("mv", "10.96.0.54", 53, "UDP"), slice_("mv", eps, "UDP"))
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
+        u.settimeout(3)
+        u.sendto(b"a", ("10.96.0.54", 53))
+        first = u.recvfrom(2048)[0].partition(b"|")[0].decode()
+        keep = [e for e in eps if f"{e[0]}:{e[1]}" != first]
+        env.apply(slice_("mv", keep, "UDP"))
+        u.sendto(b"b", ("10.96.0.54", 53))  # same client address: same session key
+        data, src = u.recvfrom(2048)
+        assert src == ("10.96.0.54", 53)
+        assert data == f"{keep[0][0]}:{keep[0][1]}|b".encode()
+
+
 def test_no_endpoints_refused_at_once(env: Env) -> None:
     env.apply(service("none", "10.96.0.19", 80), service("unone", "10.96.0.20", 53, "UDP"))
     t0 = time.monotonic()

@@ -177,6 +177,68 @@ def test_full_sync_replaces_a_foreign_table_atomically() -> None:
         )
 
 
+def test_ipv6_table_loads_and_updates() -> None:
+    _nft_available()
+    cfg = json.dumps(
+        {
+            "family": "v6",
+            "node_name": "node1",
+            "node_ips": ["fd00::2"],
+            "local_detector": {"kind": "cidr", "cidrs": ["fd00:10:244::/64"]},
+            "nodeport_addresses": None,
+        }
+    )
+    svc = {
+        "metadata": {"name": "s", "namespace": "ns"},
+        "spec": {
+            "type": "LoadBalancer",
+            "clusterIPs": ["fd00:96::1"],
+            "externalTrafficPolicy": "Local",
+            "sessionAffinity": "ClientIP",
+            "loadBalancerSourceRanges": ["fd00:1::/64"],
+            "ports": [{"name": "p", "port": 80, "nodePort": 30080}],
+        },
+        "status": {"loadBalancer": {"ingress": [{"ip": "fd00:5::5"}]}},
+    }
+
+    def slice_(addrs: list[str]) -> str:
+        eps = [{"addresses": [a], "nodeName": "node1"} for a in addrs]
+        return json.dumps(
+            {
+                "metadata": {
+                    "name": "s-x",
+                    "namespace": "ns",
+                    "labels": {"kubernetes.io/service-name": "s"},
+                },
+                "addressType": "IPv6",
+                "ports": [{"name": "p", "port": 8080}],
+                "endpoints": eps,
+            }
+        )
+
+    model = _core.Model()
+    model.set_service("ns/s", json.dumps(svc))
+    model.set_endpoint_slice("ns/s-x", slice_(["fd00:10:244::5", "fd00:10:244::6"]))
+    with netns.fresh():
+        r = _core.NftablesRenderer(cfg)
+        text, _ = r.render(model, True)
+        _nft(text)
+        r.commit()
+        model.set_endpoint_slice("ns/s-x", slice_(["fd00:10:244::7"]))
+        text, _ = r.render(model, False)
+        _nft(text)
+        r.commit()
+        out = subprocess.run(
+            ["nft", "list", "table", "ip6", "kube-proxy"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        ).stdout
+        assert "dnat to [fd00:10:244::7]:8080" in out
+        assert "fd00:10:244::5" not in out
+
+
 # ------------------------------------------------------------------ sandbox
 
 SYNC_PERIOD = 2.0

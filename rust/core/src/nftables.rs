@@ -417,7 +417,10 @@ pub struct NftablesRenderer {
     cache: BTreeMap<ServicePortName, CacheEntry>,
     /// Every desired element with its owners (service port -> value); the value in the
     /// kernel is the first owner's.
-    elements: HashMap<ElementKey, BTreeMap<ServicePortName, String>>,
+    elements: HashMap<ElementKey, Owners, FnvBuild>,
+    /// A small id per service port: element owners are kept as (id, value), sorted.
+    ids: HashMap<ServicePortName, u32, FnvBuild>,
+    next_id: u32,
     totals: Totals,
     /// Model generation last rendered, and this family's service ports, per Service.
     svc_gens: HashMap<String, u64, FnvBuild>,
@@ -425,8 +428,12 @@ pub struct NftablesRenderer {
     needs_full: bool,
 }
 
-fn effective(owners: Option<&BTreeMap<ServicePortName, String>>) -> Option<String> {
-    owners.and_then(|o| o.values().next().cloned())
+/// The service ports wanting an element, as (id, value) sorted by id; the kernel holds
+/// the first one's value.
+type Owners = Vec<(u32, String)>;
+
+fn effective(owners: Option<&Owners>) -> Option<String> {
+    owners.and_then(|o| o.first().map(|(_, v)| v.clone()))
 }
 
 impl NftablesRenderer {
@@ -436,7 +443,9 @@ impl NftablesRenderer {
             cfg,
             res,
             cache: BTreeMap::new(),
-            elements: HashMap::new(),
+            elements: HashMap::default(),
+            ids: HashMap::default(),
+            next_id: 0,
             totals: Totals::default(),
             svc_gens: HashMap::default(),
             svc_ports: HashMap::default(),
@@ -454,6 +463,7 @@ impl NftablesRenderer {
         self.cfg = cfg;
         self.cache.clear();
         self.elements.clear();
+        self.ids.clear();
         self.totals = Totals::default();
         self.svc_gens.clear();
         self.svc_ports.clear();
@@ -991,7 +1001,7 @@ impl NftablesRenderer {
         }
 
         // Element keys touched this sync, with the value the kernel held before.
-        let mut touched: HashMap<ElementKey, Option<String>> = HashMap::new();
+        let mut touched: HashMap<ElementKey, Option<String>, FnvBuild> = HashMap::default();
         let mut add_chains = String::new();
         let mut chain_rules = String::new();
         let mut add_sets = String::new();
@@ -1007,17 +1017,20 @@ impl NftablesRenderer {
             }
         };
 
-        let drop_owner = |elements: &mut HashMap<ElementKey, BTreeMap<ServicePortName, String>>,
-                          touched: &mut HashMap<ElementKey, Option<String>>,
-                          spn: &ServicePortName,
+        // On a full sync every element is written anyway: no diff bookkeeping.
+        let drop_owner = |elements: &mut HashMap<ElementKey, Owners, FnvBuild>,
+                          touched: &mut HashMap<ElementKey, Option<String>, FnvBuild>,
+                          id: u32,
                           set: &'static str,
                           key: &str| {
             let k = (set, key.to_string());
-            touched
-                .entry(k.clone())
-                .or_insert_with(|| effective(elements.get(&k)));
+            if !full {
+                touched
+                    .entry(k.clone())
+                    .or_insert_with(|| effective(elements.get(&k)));
+            }
             if let Some(o) = elements.get_mut(&k) {
-                o.remove(spn);
+                o.retain(|(i, _)| *i != id);
                 if o.is_empty() {
                     elements.remove(&k);
                 }
@@ -1026,6 +1039,14 @@ impl NftablesRenderer {
 
         for sp in &dirty {
             let (rules, local_ready_ips) = self.render_port(sp, model);
+            let id = match self.ids.get(&sp.name) {
+                Some(id) => *id,
+                None => {
+                    self.next_id += 1;
+                    self.ids.insert(sp.name.clone(), self.next_id);
+                    self.next_id
+                }
+            };
             if let Some(v) = &rules.unsupported_algorithm {
                 out.unsupported_algorithms
                     .push((sp.name.to_string(), v.clone()));
@@ -1049,7 +1070,7 @@ impl NftablesRenderer {
                     );
                 }
                 for (set, key, _) in &old.rules.elements {
-                    drop_owner(&mut self.elements, &mut touched, &sp.name, set, key);
+                    drop_owner(&mut self.elements, &mut touched, id, set, key);
                 }
                 if !full {
                     for name in old.chain_hashes.keys() {
@@ -1070,13 +1091,16 @@ impl NftablesRenderer {
             }
             for (set, key, value) in &rules.elements {
                 let k = (*set, key.clone());
-                touched
-                    .entry(k.clone())
-                    .or_insert_with(|| effective(self.elements.get(&k)));
-                self.elements
-                    .entry(k)
-                    .or_default()
-                    .insert(sp.name.clone(), value.clone());
+                if !full {
+                    touched
+                        .entry(k.clone())
+                        .or_insert_with(|| effective(self.elements.get(&k)));
+                }
+                let owners = self.elements.entry(k).or_default();
+                match owners.binary_search_by_key(&id, |(i, _)| *i) {
+                    Ok(pos) => owners[pos].1 = value.clone(),
+                    Err(pos) => owners.insert(pos, (id, value.clone())),
+                }
             }
             if !full {
                 for (name, decl) in &rules.sets {
@@ -1120,8 +1144,9 @@ impl NftablesRenderer {
             };
             self.totals.account(spn, &old, -1);
             changed_services.insert(spn.service_key());
+            let id = self.ids.remove(spn).unwrap_or(0);
             for (set, key, _) in &old.rules.elements {
-                drop_owner(&mut self.elements, &mut touched, spn, set, key);
+                drop_owner(&mut self.elements, &mut touched, id, set, key);
             }
             if !full {
                 for name in old.chain_hashes.keys() {
@@ -1173,7 +1198,7 @@ impl NftablesRenderer {
             text.push_str(&rules_text);
             let mut per_set: BTreeMap<&'static str, Vec<String>> = BTreeMap::new();
             for ((set, key), owners) in &self.elements {
-                if let Some(v) = owners.values().next() {
+                if let Some((_, v)) = owners.first() {
                     per_set.entry(set).or_default().push(element(key, v));
                 }
             }

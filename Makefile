@@ -2,7 +2,7 @@
 PY ?= python3
 export PYTHONDONTWRITEBYTECODE = 1
 
-.PHONY: setup build demo test lint test-rust test-py bench clean
+.PHONY: setup build demo test lint test-rust test-py bench bench-quick clean
 
 setup:
 	./scripts/setup.sh
@@ -31,8 +31,14 @@ test-py:
 # Everything CI checks: setup, lints of both languages, Rust and Python tests.
 test: setup lint test-rust test-py
 
+# The benchmark suite (root): every part, results and charts in bench/results/
+# (bench/README.md). bench-quick: small sizes, a few minutes, bench/results/quick/.
 bench: setup
-	$(PY) -m bench
+	$(PY) -m bench all
+	$(PY) -m bench plot --readme README.md
+
+bench-quick: setup
+	$(PY) -m bench all --quick
 
 clean:
 	cargo clean

@@ -323,7 +323,8 @@ def plot_change_latency(doc: dict[str, Any], path: Path) -> Path | None:
     palette = {"iptables-legacy": "#1f77b4", "iptables-nft": "#2ca02c", "nftables": "#9467bd"}
     palette["ipvs"] = "#8c564b"
     for case, variant, rs in series:
-        label = f"{case}: {'kproxy' if variant == 'kproxy' else 'upstream-shape restore'}"
+        where = f"{case} (qemu TCG guest)" if case == "ipvs" else case
+        label = f"{where}: {'kproxy' if variant == 'kproxy' else 'upstream-shape restore'}"
         style = "-" if variant == "kproxy" else ":"
         _line(ax, rs, label, palette[case], style)
     _loglog(ax)
@@ -454,7 +455,9 @@ def update_readme(readme: Path, doc: dict[str, Any], charts: Iterable[Path]) -> 
         f"{START}\n"
         f"Measured {doc.get('updated', '?')[:10]}, kernel {h.get('kernel', '?')}, "
         f"{h.get('cores', '?')} cores, kproxy {h.get('git_commit', '?')} "
-        "(machine shared with other jobs: read ratios, not absolute times).\n\n"
+        "(machine shared with other jobs: read ratios, not absolute times). Parts whose "
+        "status in `bench/results/suite.json` is `imported` come from their own last run "
+        "of the same module (`python -m bench collect`).\n\n"
         f"{headline_markdown(doc)}\n{images}\n{END}"
     )
     head, rest = text.split(START, 1)

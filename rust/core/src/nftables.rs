@@ -10,13 +10,19 @@
 //! cold load of 30k Services x 2 endpoints into an empty namespace) that takes 252 s,
 //! nearly all kernel time: every new anonymous set gets a name by scanning every set of
 //! the table, and set lookups by name are linear, so N Services cost O(N²). The same
-//! Services with no per-Service set load in 3.5 s (see bench/bench_nftables.py and
-//! bench/results/nftables.json for this repository's numbers).
+//! Services with no per-Service set load in 3.5 s. bench/bench_nftables.py measures
+//! both shapes loaded the same way (one `nft -f`, fresh namespace, 2 shared CPUs,
+//! bench/results/nftables.json): upstream's 0.42 s at 1k, 59.6 s at 10k, over the
+//! 300 s cap at 30k; this shape 0.15 s, 1.8 s, 5.8 s and 14.2 s at 50k, within noise of
+//! `nft -f` of the same text alone (render is 0.2 s per 10k Services).
 //!
 //! A second cost is the `nft` CLI itself: before any `add rule`/`add element` it dumps
 //! every chain of the table (NFT_MSG_GETCHAIN), and the kernel's chain dump restarts
 //! its walk for every netlink buffer, so it is quadratic in the number of chains
-//! (~1.2 s at 90k chains here). Fewer chains make every incremental sync cheaper.
+//! (1.2 s at 90k chains, i.e. with upstream's per-endpoint chains at 30k Services).
+//! One chain per Service keeps that at ~0.2 s at 30k Services, which is what an
+//! incremental sync costs today (render ~20 ms); programming the incremental path
+//! over netlink (no cache dump) is the way below that.
 //!
 //! So, per service port:
 //! - no anonymous sets and no per-endpoint chains. The `service-…` (and `local-…`)

@@ -46,6 +46,19 @@ def _nft_available() -> None:
         pytest.skip("needs the nft tool")
 
 
+def test_refused_transaction_names_line_and_object() -> None:
+    from kproxy.dataplane.nftables import explain_nft_error
+
+    text = "flush chain ip kube-proxy a\ndelete element ip kube-proxy cluster-ips { 10.96.1.9 }\n"
+    err = (
+        "/dev/stdin:2:44-52: Error: Could not process rule: No such file or directory\n"
+        "delete element ip kube-proxy cluster-ips { 10.96.1.9 }\n" + "^" * 5000
+    )
+    msg = explain_nft_error(err, text)
+    assert "line 2, object 'cluster-ips'" in msg and "No such file" in msg
+    assert len(msg) < 700
+
+
 # ------------------------------------------------------------------ convergence
 
 

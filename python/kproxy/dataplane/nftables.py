@@ -233,10 +233,17 @@ class NftablesBackend:
         listing); True when something failed."""
         if shutil.which("nft") is None:
             return False
-        try:
-            run_nft(_core.nftables_cleanup())
-        except SyncError as e:
-            log.error("nftables cleanup failed: %s", e)
-            metrics.NFTABLES_CLEANUP_FAILURES_TOTAL.inc()
-            return True
-        return False
+        failed = False
+        text = _core.nftables_cleanup()
+        # One transaction per family: a kernel without IPv6 must not fail the IPv4 one.
+        for family in ("ip", "ip6"):
+            part = "".join(ln + "\n" for ln in text.splitlines() if ln.split()[2:3] == [family])
+            try:
+                run_nft(part)
+            except SyncError as e:
+                if "not supported" in str(e):
+                    continue
+                log.error("nftables cleanup failed: %s", e)
+                metrics.NFTABLES_CLEANUP_FAILURES_TOTAL.inc()
+                failed = True
+        return failed

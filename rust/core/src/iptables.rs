@@ -15,9 +15,10 @@ use std::net::IpAddr;
 use serde::{Deserialize, Serialize};
 
 use crate::categorize::categorize;
+use crate::conntrack;
 use crate::error::{Error, Result};
 use crate::hash::{chain_hash, hash_lines};
-use crate::model::{Model, Protocol, ServicePort, ServicePortName};
+use crate::model::{Model, ServicePort, ServicePortName};
 use crate::net::{Cidr, Family};
 
 pub const KUBE_SERVICES: &str = "KUBE-SERVICES";
@@ -285,17 +286,7 @@ impl Emit {
     }
 }
 
-/// A UDP conntrack cleanup the caller should run after a successful restore.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct ConntrackCleanup {
-    /// "service-ip" (delete flows to dst ip:port) or "nodeport" (to any local IP on
-    /// port) or "endpoint" (flows to `ip`, DNATed to `endpoint_ip`).
-    pub kind: String,
-    pub ip: Option<String>,
-    pub port: u16,
-    pub endpoint_ip: Option<String>,
-    pub protocol: String,
-}
+pub use crate::conntrack::ConntrackCleanup;
 
 #[derive(Debug, Clone, Serialize)]
 pub struct HealthCheck {
@@ -1315,16 +1306,14 @@ impl IptablesRenderer {
         em.touched.insert(spn.clone());
         if let Some(old) = &old {
             self.account(old, false);
-            if spn.protocol == Protocol::Udp {
-                conntrack_changes(
-                    &mut out.conntrack,
-                    self.cfg.family,
-                    &old.port,
-                    &old.rules,
-                    sp,
-                    &rules,
-                );
-            }
+            conntrack::changed(
+                &mut out.conntrack,
+                self.cfg.family,
+                &old.port,
+                &old.rules.reachable,
+                sp,
+                &rules.reachable,
+            );
             if !full {
                 for name in old.chain_hashes.keys() {
                     if !new_hashes.contains_key(name) {
@@ -1336,8 +1325,8 @@ impl IptablesRenderer {
                 self.top_dirty = true;
             }
         } else {
-            if spn.protocol == Protocol::Udp && !rules.reachable.is_empty() {
-                conntrack_gained(&mut out.conntrack, self.cfg.family, sp);
+            if !rules.reachable.is_empty() {
+                conntrack::gained(&mut out.conntrack, self.cfg.family, sp);
             }
             self.top_dirty = true;
         }
@@ -1388,98 +1377,7 @@ impl IptablesRenderer {
                 em.delete(name);
             }
         }
-        if spn.protocol == Protocol::Udp {
-            if let Some(ip) = old.port.cluster_ip(self.cfg.family) {
-                out.conntrack.push(ConntrackCleanup {
-                    kind: "service-ip".into(),
-                    ip: Some(ip.to_string()),
-                    port: old.port.port,
-                    endpoint_ip: None,
-                    protocol: "udp".into(),
-                });
-            }
-        }
-    }
-}
-
-fn conntrack_gained(out: &mut Vec<ConntrackCleanup>, family: Family, sp: &ServicePort) {
-    // The Service had no endpoints: packets were rejected and conntrack may hold an
-    // entry for the flow that would now blackhole it. Flush flows to its addresses.
-    let mut push = |kind: &str, ip: Option<String>, port: u16| {
-        out.push(ConntrackCleanup {
-            kind: kind.into(),
-            ip,
-            port,
-            endpoint_ip: None,
-            protocol: "udp".into(),
-        })
-    };
-    if let Some(ip) = sp.cluster_ip(family) {
-        push("service-ip", Some(ip.to_string()), sp.port);
-    }
-    for ip in sp.external_ips.iter().chain(sp.load_balancer_ips.iter()) {
-        if Family::of(ip) == family {
-            push("service-ip", Some(ip.to_string()), sp.port);
-        }
-    }
-    if sp.node_port != 0 {
-        push("nodeport", None, sp.node_port);
-    }
-}
-
-fn conntrack_changes(
-    out: &mut Vec<ConntrackCleanup>,
-    family: Family,
-    old_sp: &ServicePort,
-    old: &ServiceRules,
-    sp: &ServicePort,
-    new: &ServiceRules,
-) {
-    if old.reachable.is_empty() && !new.reachable.is_empty() {
-        conntrack_gained(out, family, sp);
-        return;
-    }
-    // Endpoints that went away: flows DNATed to them must not stick.
-    for addr in &old.reachable {
-        if new.reachable.contains(addr) {
-            continue;
-        }
-        let ep_ip = addr
-            .rsplit_once(':')
-            .map(|(h, _)| h.trim_matches(|c| c == '[' || c == ']').to_string());
-        if let Some(ip) = old_sp.cluster_ip(family) {
-            out.push(ConntrackCleanup {
-                kind: "endpoint".into(),
-                ip: Some(ip.to_string()),
-                port: old_sp.port,
-                endpoint_ip: ep_ip.clone(),
-                protocol: "udp".into(),
-            });
-        }
-        for ip in old_sp
-            .external_ips
-            .iter()
-            .chain(old_sp.load_balancer_ips.iter())
-        {
-            if Family::of(ip) == family {
-                out.push(ConntrackCleanup {
-                    kind: "endpoint".into(),
-                    ip: Some(ip.to_string()),
-                    port: old_sp.port,
-                    endpoint_ip: ep_ip.clone(),
-                    protocol: "udp".into(),
-                });
-            }
-        }
-        if old_sp.node_port != 0 {
-            out.push(ConntrackCleanup {
-                kind: "endpoint".into(),
-                ip: None,
-                port: old_sp.node_port,
-                endpoint_ip: ep_ip.clone(),
-                protocol: "udp".into(),
-            });
-        }
+        conntrack::removed(&mut out.conntrack, self.cfg.family, &old.port);
     }
 }
 

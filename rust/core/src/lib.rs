@@ -2,6 +2,7 @@
 //! rendering. Pure Rust with no Python dependency; `kproxy-py` binds it.
 
 pub mod categorize;
+pub mod conntrack;
 pub mod error;
 pub mod forwarder;
 pub mod hash;

@@ -65,10 +65,11 @@ use std::net::IpAddr;
 use serde::{Deserialize, Serialize};
 
 use crate::categorize::categorize;
+use crate::conntrack::{self, ConntrackCleanup};
 use crate::error::{Error, Result};
 use crate::hash::{chain_hash, fnv1a, hash_lines, FNV_OFFSET};
-use crate::iptables::{ConntrackCleanup, HealthCheck, LocalDetector};
-use crate::model::{Endpoint, Model, Protocol, ServicePort, ServicePortName};
+use crate::iptables::{HealthCheck, LocalDetector};
+use crate::model::{Endpoint, Model, ServicePort, ServicePortName};
 use crate::net::{Cidr, Family};
 
 pub const TABLE: &str = "kube-proxy";
@@ -1065,16 +1066,14 @@ impl NftablesRenderer {
             let old = self.cache.remove(&sp.name);
             if let Some(old) = &old {
                 self.totals.account(&sp.name, old, -1);
-                if sp.name.protocol == Protocol::Udp {
-                    conntrack_changes(
-                        &mut out.conntrack,
-                        family,
-                        &old.port,
-                        &old.rules,
-                        sp,
-                        &rules,
-                    );
-                }
+                conntrack::changed(
+                    &mut out.conntrack,
+                    family,
+                    &old.port,
+                    &old.rules.reachable,
+                    sp,
+                    &rules.reachable,
+                );
                 for (set, key, _) in &old.rules.elements {
                     drop_owner(&mut self.elements, &mut touched, id, set, key);
                 }
@@ -1092,8 +1091,8 @@ impl NftablesRenderer {
                         }
                     }
                 }
-            } else if sp.name.protocol == Protocol::Udp && !rules.reachable.is_empty() {
-                conntrack_gained(&mut out.conntrack, family, sp);
+            } else if !rules.reachable.is_empty() {
+                conntrack::gained(&mut out.conntrack, family, sp);
             }
             for (set, key, value) in &rules.elements {
                 let k = (*set, key.clone());
@@ -1164,17 +1163,7 @@ impl NftablesRenderer {
                     let _ = writeln!(del_sets, "delete set {t} {name}");
                 }
             }
-            if spn.protocol == Protocol::Udp {
-                if let Some(ip) = old.port.cluster_ip(family) {
-                    out.conntrack.push(ConntrackCleanup {
-                        kind: "service-ip".into(),
-                        ip: Some(ip.to_string()),
-                        port: old.port.port,
-                        endpoint_ip: None,
-                        protocol: "udp".into(),
-                    });
-                }
-            }
+            conntrack::removed(&mut out.conntrack, family, &old.port);
         }
 
         let mut text = String::new();
@@ -1308,79 +1297,6 @@ fn element(key: &str, value: &str) -> String {
         key.to_string()
     } else {
         format!("{key} : {value}")
-    }
-}
-
-fn conntrack_gained(out: &mut Vec<ConntrackCleanup>, family: Family, sp: &ServicePort) {
-    // The Service had no endpoints: packets were rejected and conntrack may hold an
-    // entry that would blackhole the flow now. Flush flows to its addresses.
-    let mut push = |kind: &str, ip: Option<String>, port: u16| {
-        out.push(ConntrackCleanup {
-            kind: kind.into(),
-            ip,
-            port,
-            endpoint_ip: None,
-            protocol: "udp".into(),
-        })
-    };
-    if let Some(ip) = sp.cluster_ip(family) {
-        push("service-ip", Some(ip.to_string()), sp.port);
-    }
-    for ip in sp.external_ips.iter().chain(sp.load_balancer_ips.iter()) {
-        if Family::of(ip) == family {
-            push("service-ip", Some(ip.to_string()), sp.port);
-        }
-    }
-    if sp.node_port != 0 {
-        push("nodeport", None, sp.node_port);
-    }
-}
-
-fn conntrack_changes(
-    out: &mut Vec<ConntrackCleanup>,
-    family: Family,
-    old_sp: &ServicePort,
-    old: &PortRules,
-    sp: &ServicePort,
-    new: &PortRules,
-) {
-    if old.reachable.is_empty() && !new.reachable.is_empty() {
-        conntrack_gained(out, family, sp);
-        return;
-    }
-    // Endpoints that went away: flows DNATed to them must not stick.
-    for addr in &old.reachable {
-        if new.reachable.contains(addr) {
-            continue;
-        }
-        let ep_ip = addr
-            .rsplit_once(':')
-            .map(|(h, _)| h.trim_matches(|c| c == '[' || c == ']').to_string());
-        let mut targets: Vec<(Option<String>, u16)> = Vec::new();
-        if let Some(ip) = old_sp.cluster_ip(family) {
-            targets.push((Some(ip.to_string()), old_sp.port));
-        }
-        for ip in old_sp
-            .external_ips
-            .iter()
-            .chain(old_sp.load_balancer_ips.iter())
-        {
-            if Family::of(ip) == family {
-                targets.push((Some(ip.to_string()), old_sp.port));
-            }
-        }
-        if old_sp.node_port != 0 {
-            targets.push((None, old_sp.node_port));
-        }
-        for (ip, port) in targets {
-            out.push(ConntrackCleanup {
-                kind: "endpoint".into(),
-                ip,
-                port,
-                endpoint_ip: ep_ip.clone(),
-                protocol: "udp".into(),
-            });
-        }
     }
 }
 

@@ -15,7 +15,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-from kproxy import _core
+from kproxy import _core, conntrack
 from kproxy.dataplane import SyncResult
 from kproxy.dataplane.iptables import (
     IptablesBackend,
@@ -133,6 +133,8 @@ class IpvsBackend:
         self.tools = Tools(4, self.backend)
         self._ipsets: dict[str, set[str]] | None = None
         self._rules: str | None = None
+        #: UDP virtual server (addr, port) -> its real servers "ip:port", last sync
+        self._udp: dict[tuple[str, int], set[tuple[str, int]]] = {}
         for k, v in SYSCTLS.items():
             _sysctl(k, v)
         if cfg.ipvs_strict_arp:
@@ -205,6 +207,7 @@ class IpvsBackend:
         )
         result.full = bool(report["full"])
         result.changed = report["ops"] > 0
+        self.clear_udp_conntrack(services)
         self.sync_ipsets(plans[0]["ipsets"], result.full)
         self.sync_rules(result.full)
         result.stats["ipvs"] = {k: v for k, v in report.items() if k != "errors"}
@@ -217,6 +220,33 @@ class IpvsBackend:
                 f"{len(report['errors'])} IPVS change(s) failed, first: {report['errors'][0]}"
             )
         return result
+
+    def clear_udp_conntrack(self, services: list[Any]) -> None:
+        """As upstream: a UDP virtual server that gained its first real server, and a
+        UDP real server that went away, get their stale conntrack entries cleared (a
+        client resending from the same port would otherwise stay blackholed)."""
+        now: dict[tuple[str, int], set[tuple[str, int]]] = {}
+        for vs, dests in services:
+            if vs["protocol"] == 17:
+                now[(vs["addr"], vs["port"])] = {(d["addr"], d["port"]) for d in dests}
+        entries: list[dict[str, Any]] = []
+        for (ip, port), dests in now.items():
+            old = self._udp.get((ip, port), set())
+            if dests and not old:
+                entries.append({"kind": "service-ip", "ip": ip, "port": port, "protocol": "udp"})
+            for eip, _ in old - dests:
+                entries.append(
+                    {
+                        "kind": "endpoint",
+                        "ip": ip,
+                        "port": port,
+                        "endpoint_ip": eip,
+                        "protocol": "udp",
+                    }
+                )
+        self._udp = now
+        if entries:
+            conntrack.clear(entries)
 
     def sync_interface(self, want: list[str]) -> list[str]:
         """kube-ipvs0 holds exactly `want` (added only when missing); returns what it

@@ -35,6 +35,26 @@ class Backend(Protocol):
         """Remove everything this mode creates; True when something failed."""
 
 
+def local_detector(cfg: Any, node: NodeInfo) -> dict[str, Any]:
+    """--detect-local-mode resolved for the Rust renderers: how pod traffic is told
+    from other traffic (upstream's LocalTrafficDetector). ClusterCIDR without a
+    cluster CIDR, or NodeCIDR without pod CIDRs, detects nothing, as upstream."""
+    mode = cfg.detect_local_mode
+    if mode == "ClusterCIDR":
+        if not cfg.cluster_cidrs:
+            return {"kind": "none"}
+        return {"kind": "cidr", "cidrs": list(cfg.cluster_cidrs)}
+    if mode == "NodeCIDR":
+        if not node.pod_cidrs:
+            return {"kind": "none"}
+        return {"kind": "cidr", "cidrs": list(node.pod_cidrs)}
+    if mode == "BridgeInterface":
+        return {"kind": "interface", "name": cfg.pod_bridge_interface}
+    if mode == "InterfaceNamePrefix":
+        return {"kind": "prefix", "prefix": cfg.pod_interface_name_prefix}
+    return {"kind": "none"}
+
+
 #: proxy mode -> factory(cfg, node, families) -> Backend. Each mode's module
 #: registers itself here; `create_backend` is the only place the daemon picks one.
 BackendFactory = Callable[[Any, NodeInfo, tuple[int, ...]], Backend]

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from kproxy import _core, conntrack, metrics
-from kproxy.dataplane import SyncResult
+from kproxy.dataplane import SyncResult, local_detector
 from kproxy.errors import ConfigError, SyncError
 from kproxy.node import NodeInfo, nodeport_ips
 
@@ -160,22 +160,6 @@ class IptablesBackend:
         ips = nodeport_ips(tuple(spec), self.node) or []
         return any(ip.startswith("127.") for ip in ips)
 
-    def local_detector(self) -> dict[str, Any]:
-        mode = self.cfg.detect_local_mode
-        if mode == "ClusterCIDR":
-            if not self.cfg.cluster_cidrs:
-                return {"kind": "none"}
-            return {"kind": "cidr", "cidrs": list(self.cfg.cluster_cidrs)}
-        if mode == "NodeCIDR":
-            if not self.node.pod_cidrs:
-                return {"kind": "none"}
-            return {"kind": "cidr", "cidrs": list(self.node.pod_cidrs)}
-        if mode == "BridgeInterface":
-            return {"kind": "interface", "name": self.cfg.pod_bridge_interface}
-        if mode == "InterfaceNamePrefix":
-            return {"kind": "prefix", "prefix": self.cfg.pod_interface_name_prefix}
-        return {"kind": "none"}
-
     def render_config(self, family: int) -> dict[str, Any]:
         spec = tuple(self.cfg.nodeport_addresses)
         return {
@@ -185,7 +169,7 @@ class IptablesBackend:
             "node_ips": list(self.node.ips),
             "masquerade_bit": self.cfg.iptables_masquerade_bit,
             "masquerade_all": self.cfg.masquerade_all,
-            "local_detector": self.local_detector(),
+            "local_detector": local_detector(self.cfg, self.node),
             "nodeport_addresses": nodeport_ips(spec, self.node) if spec else None,
             "localhost_nodeports": self.cfg.iptables_localhost_nodeports,
             "conntrack_tcp_liberal": _sysctl_read(TCP_BE_LIBERAL) not in (None, "0"),

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from kproxy import _core, conntrack, metrics
-from kproxy.dataplane import SyncResult
+from kproxy.dataplane import SyncResult, local_detector
 from kproxy.errors import SyncError
 from kproxy.node import NodeInfo, nodeport_ips
 
@@ -117,22 +117,6 @@ class NftablesBackend:
         spec = tuple(self.cfg.nodeport_addresses) or ("primary",)
         return nodeport_ips(spec, self.node)
 
-    def local_detector(self) -> dict[str, Any]:
-        mode = self.cfg.detect_local_mode
-        if mode == "ClusterCIDR":
-            if not self.cfg.cluster_cidrs:
-                return {"kind": "none"}
-            return {"kind": "cidr", "cidrs": list(self.cfg.cluster_cidrs)}
-        if mode == "NodeCIDR":
-            if not self.node.pod_cidrs:
-                return {"kind": "none"}
-            return {"kind": "cidr", "cidrs": list(self.node.pod_cidrs)}
-        if mode == "BridgeInterface":
-            return {"kind": "interface", "name": self.cfg.pod_bridge_interface}
-        if mode == "InterfaceNamePrefix":
-            return {"kind": "prefix", "prefix": self.cfg.pod_interface_name_prefix}
-        return {"kind": "none"}
-
     def render_config(self, family: int) -> dict[str, Any]:
         return {
             "family": "v4" if family == 4 else "v6",
@@ -141,7 +125,7 @@ class NftablesBackend:
             "node_ips": list(self.node.ips),
             "masquerade_bit": self.cfg.masquerade_bit,
             "masquerade_all": self.cfg.masquerade_all,
-            "local_detector": self.local_detector(),
+            "local_detector": local_detector(self.cfg, self.node),
             "nodeport_addresses": self.nodeport_addresses(),
             "conntrack_tcp_liberal": _sysctl_read(TCP_BE_LIBERAL) not in (None, "0"),
         }

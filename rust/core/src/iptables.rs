@@ -19,7 +19,7 @@ use crate::conntrack;
 use crate::error::{Error, Result};
 use crate::hash::{chain_hash, hash_lines};
 use crate::model::{Model, ServicePort, ServicePortName};
-use crate::net::{Cidr, Family};
+use crate::net::{ips_of_family, Cidr, Family};
 
 pub const KUBE_SERVICES: &str = "KUBE-SERVICES";
 pub const KUBE_EXTERNAL_SERVICES: &str = "KUBE-EXTERNAL-SERVICES";
@@ -138,30 +138,14 @@ impl IptablesConfig {
                 Some(format!("! -i {prefix}+")),
             ),
         };
-        let mut node_ip = None;
-        for s in &self.node_ips {
-            let ip: IpAddr = s
-                .parse()
-                .map_err(|_| Error::config("node_ips", format!("invalid IP {s:?}")))?;
-            if Family::of(&ip) == self.family && node_ip.is_none() {
-                node_ip = Some(ip);
-            }
-        }
-        let nodeport_ips = match &self.nodeport_addresses {
-            None => None,
-            Some(list) => {
-                let mut v = Vec::new();
-                for s in list {
-                    let ip: IpAddr = s.parse().map_err(|_| {
-                        Error::config("nodeport_addresses", format!("invalid IP {s:?}"))
-                    })?;
-                    if Family::of(&ip) == self.family {
-                        v.push(ip);
-                    }
-                }
-                Some(v)
-            }
-        };
+        let node_ip = ips_of_family(&self.node_ips, self.family, "node_ips")?
+            .first()
+            .copied();
+        let nodeport_ips = self
+            .nodeport_addresses
+            .as_ref()
+            .map(|list| ips_of_family(list, self.family, "nodeport_addresses"))
+            .transpose()?;
         // Localhost NodePorts exist only for IPv4 and only when loopback is a
         // NodePort address.
         let localhost_nodeports = self.localhost_nodeports

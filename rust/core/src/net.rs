@@ -117,6 +117,20 @@ impl fmt::Display for Cidr {
     }
 }
 
+/// Parse a config list of IPs and keep those of `family`; an invalid entry is an
+/// error naming `field`.
+pub fn ips_of_family(list: &[String], family: Family, field: &str) -> crate::Result<Vec<IpAddr>> {
+    let mut out = Vec::new();
+    for s in list {
+        let ip =
+            parse_ip(s).ok_or_else(|| crate::Error::config(field, format!("invalid IP {s:?}")))?;
+        if Family::of(&ip) == family {
+            out.push(ip);
+        }
+    }
+    Ok(out)
+}
+
 /// "ip:port" as Go's net.JoinHostPort writes it (IPv6 in brackets).
 pub fn join_host_port(ip: &IpAddr, port: u16) -> String {
     match ip {

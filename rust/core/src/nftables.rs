@@ -70,7 +70,7 @@ use crate::error::{Error, Result};
 use crate::hash::{chain_hash, fnv1a, hash_lines, FNV_OFFSET};
 use crate::iptables::{HealthCheck, LocalDetector};
 use crate::model::{Endpoint, Model, ServicePort, ServicePortName};
-use crate::net::{Cidr, Family};
+use crate::net::{ips_of_family, Cidr, Family};
 
 pub const TABLE: &str = "kube-proxy";
 
@@ -202,28 +202,17 @@ impl NftablesConfig {
                 Some(format!("iifname != {}", quote(&format!("{prefix}*")))),
             ),
         };
-        let mut node_ip = None;
-        for s in &self.node_ips {
-            let ip: IpAddr = s
-                .parse()
-                .map_err(|_| Error::config("node_ips", format!("invalid IP {s:?}")))?;
-            if Family::of(&ip) == self.family && node_ip.is_none() {
-                node_ip = Some(ip);
-            }
-        }
+        let node_ip = ips_of_family(&self.node_ips, self.family, "node_ips")?
+            .first()
+            .copied();
         let nodeport_ips = match &self.nodeport_addresses {
             None => None,
             Some(list) => {
-                let mut v = Vec::new();
-                for s in list {
-                    let ip: IpAddr = s.parse().map_err(|_| {
-                        Error::config("nodeport_addresses", format!("invalid IP {s:?}"))
-                    })?;
-                    // Upstream's nftables mode never serves NodePorts on loopback.
-                    if Family::of(&ip) == self.family && !ip.is_loopback() {
-                        v.push(ip);
-                    }
-                }
+                // Upstream's nftables mode never serves NodePorts on loopback.
+                let mut v: Vec<IpAddr> = ips_of_family(list, self.family, "nodeport_addresses")?
+                    .into_iter()
+                    .filter(|ip| !ip.is_loopback())
+                    .collect();
                 v.sort();
                 v.dedup();
                 Some(v)

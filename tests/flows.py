@@ -393,6 +393,7 @@ MODE_OVERRIDES: dict[str, dict[str, dict[str, Any]]] = {
         if f.masquerade is False and f.pods
     },
 }
+
 # ipvs (as upstream's IPVS proxier): a NodePort is one virtual server per node address,
 # and with externalTrafficPolicy Local it has only the local endpoints for every client
 # (no short-circuit of pod and node traffic to all endpoints); a virtual server without

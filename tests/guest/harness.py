@@ -154,8 +154,16 @@ def _run_script(kdir: Path, command: str, env: dict[str, str]) -> str:
     exports = "\n".join(f"export {k}={_shquote(v)}" for k, v in env.items())
     return f"""#!/bin/sh
 # Runs in the guest as PID 1, in the overlay of the host's root.
+# The checkout may live under /tmp or /run (CI clones anywhere): keep it reachable at
+# its own path after fresh tmpfs mounts hide those directories.
+mkdir -p /kproxy-root
+mount --bind {_shquote(str(ROOT))} /kproxy-root
 mount -t tmpfs tmpfs /tmp
 mount -t tmpfs tmpfs /run
+if [ ! -d {_shquote(str(ROOT))} ]; then
+  mkdir -p {_shquote(str(ROOT))}
+  mount --bind /kproxy-root {_shquote(str(ROOT))}
+fi
 mkdir -p /dev/pts /dev/shm
 mount -t devpts devpts /dev/pts
 mount -t tmpfs tmpfs /dev/shm

@@ -210,6 +210,7 @@ def test_close_releases_the_port(state: ProxyHealthState) -> None:
     srv.close()
     srv.close()  # idempotent
     again = start_health_server(f"127.0.0.1:{port}", state)
+    assert again.port == port
     again.close()
 
 

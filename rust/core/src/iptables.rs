@@ -501,71 +501,56 @@ impl IptablesRenderer {
         let cip = cluster_ip.to_string();
         let mproto = format!("-m {proto} -p {proto}");
 
+        // Most rules below match "this Service's address and port": one shape.
+        let dst_rule = |chain: &str, comment: &str, ip: &str, target: &str| {
+            rule(
+                chain,
+                &[
+                    "-m comment --comment",
+                    comment,
+                    &mproto,
+                    "-d",
+                    ip,
+                    "--dport",
+                    &port,
+                    "-j",
+                    target,
+                ],
+            )
+        };
         // ClusterIP.
         if has_internal {
-            r.nat_services.push(rule(
+            r.nat_services.push(dst_rule(
                 KUBE_SERVICES,
-                &[
-                    "-m comment --comment",
-                    &cmt(&format!("{spn} cluster IP")),
-                    &mproto,
-                    "-d",
-                    &cip,
-                    "--dport",
-                    &port,
-                    "-j",
-                    internal_chain,
-                ],
+                &cmt(&format!("{spn} cluster IP")),
+                &cip,
+                internal_chain,
             ));
         } else {
-            r.filter_services.push(rule(
+            r.filter_services.push(dst_rule(
                 KUBE_SERVICES,
-                &[
-                    "-m comment --comment",
-                    &internal_comment,
-                    &mproto,
-                    "-d",
-                    &cip,
-                    "--dport",
-                    &port,
-                    "-j",
-                    internal_target,
-                ],
+                &internal_comment,
+                &cip,
+                internal_target,
             ));
         }
         // externalIPs.
         for ip in &external_ips {
             let ip = ip.to_string();
             if has_endpoints {
-                r.nat_services.push(rule(
+                r.nat_services.push(dst_rule(
                     KUBE_SERVICES,
-                    &[
-                        "-m comment --comment",
-                        &cmt(&format!("{spn} external IP")),
-                        &mproto,
-                        "-d",
-                        &ip,
-                        "--dport",
-                        &port,
-                        "-j",
-                        ext_chain,
-                    ],
+                    &cmt(&format!("{spn} external IP")),
+                    &ip,
+                    ext_chain,
                 ));
             }
             if !has_external {
-                r.filter_external.push(rule(
+                r.filter_external.push(dst_rule(
                     KUBE_EXTERNAL_SERVICES,
-                    &[
-                        "-m comment --comment",
-                        &external_comment,
-                        &mproto,
-                        "-d",
-                        &ip,
-                        "--dport",
-                        &port,
-                        "-j",
-                        external_target,
-                    ],
+                    &external_comment,
+                    &ip,
+                    external_target,
                 ));
             }
         }
@@ -573,19 +558,11 @@ impl IptablesRenderer {
         for ip in &lb_ips {
             let ip = ip.to_string();
             if has_endpoints {
-                r.nat_services.push(rule(
+                r.nat_services.push(dst_rule(
                     KUBE_SERVICES,
-                    &[
-                        "-m comment --comment",
-                        &cmt(&format!("{spn} loadbalancer IP")),
-                        &mproto,
-                        "-d",
-                        &ip,
-                        "--dport",
-                        &port,
-                        "-j",
-                        lb_chain,
-                    ],
+                    &cmt(&format!("{spn} loadbalancer IP")),
+                    &ip,
+                    lb_chain,
                 ));
             }
             if uses_fw_chain {
@@ -609,19 +586,11 @@ impl IptablesRenderer {
         }
         if !has_external {
             for ip in &lb_ips {
-                r.filter_external.push(rule(
+                r.filter_external.push(dst_rule(
                     KUBE_EXTERNAL_SERVICES,
-                    &[
-                        "-m comment --comment",
-                        &external_comment,
-                        &mproto,
-                        "-d",
-                        &ip.to_string(),
-                        "--dport",
-                        &port,
-                        "-j",
-                        external_target,
-                    ],
+                    &external_comment,
+                    &ip.to_string(),
+                    external_target,
                 ));
             }
         }

@@ -33,6 +33,17 @@ fn parse_json(py: Python<'_>, s: &str) -> PyResult<serde_json::Value> {
     serde_json::from_str(s).map_err(|e| to_py(py, Error::from(e)))
 }
 
+/// Parse an object's JSON (None = delete), apply it, and return warnings as text.
+fn set_object(
+    py: Python<'_>,
+    obj: Option<&str>,
+    apply: impl FnOnce(Option<&serde_json::Value>) -> kproxy_core::Result<Vec<Error>>,
+) -> PyResult<Vec<String>> {
+    let value = obj.map(|s| parse_json(py, s)).transpose()?;
+    let warnings = apply(value.as_ref()).map_err(|e| to_py(py, e))?;
+    Ok(warnings.into_iter().map(|w| w.to_string()).collect())
+}
+
 /// Services and EndpointSlices, keyed by "namespace/name".
 #[pyclass(module = "kproxy._core")]
 struct Model {
@@ -56,12 +67,7 @@ impl Model {
         key: &str,
         obj: Option<&str>,
     ) -> PyResult<Vec<String>> {
-        let value = obj.map(|s| parse_json(py, s)).transpose()?;
-        let warnings = self
-            .inner
-            .set_service(key, value.as_ref())
-            .map_err(|e| to_py(py, e))?;
-        Ok(warnings.into_iter().map(|w| w.to_string()).collect())
+        set_object(py, obj, |v| self.inner.set_service(key, v))
     }
 
     /// Set an EndpointSlice from its JSON, or delete it with None. Returns warnings.
@@ -72,12 +78,7 @@ impl Model {
         key: &str,
         obj: Option<&str>,
     ) -> PyResult<Vec<String>> {
-        let value = obj.map(|s| parse_json(py, s)).transpose()?;
-        let warnings = self
-            .inner
-            .set_endpoint_slice(key, value.as_ref())
-            .map_err(|e| to_py(py, e))?;
-        Ok(warnings.into_iter().map(|w| w.to_string()).collect())
+        set_object(py, obj, |v| self.inner.set_endpoint_slice(key, v))
     }
 
     fn service_count(&self) -> usize {

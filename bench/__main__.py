@@ -51,6 +51,12 @@ def _iptables_options(ipt: argparse.ArgumentParser, case_timeout: float | None) 
         help="seconds per (backend, size) case; the rest of a case is recorded as skipped"
         + ("" if case_timeout else " (default: the part's budget / number of cases)"),
     )
+    ipt.add_argument(
+        "--nft-max-services",
+        type=int,
+        help="skip nft cases above this many Services (iptables-nft-restore needs minutes "
+        "per cold load from 10k up; the full suite passes 10000)",
+    )
     ipt.add_argument("-o", "--output", help="results file (bench/results/iptables.json)")
     _common(ipt)
 

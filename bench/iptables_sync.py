@@ -424,6 +424,12 @@ def markdown_table(results: dict[str, Any]) -> str:
                 st=case["status"],
             )
         )
+    nft_max = results.get("params", {}).get("nft_max_services")
+    if nft_max is not None and any(n > nft_max for n in results["params"].get("sizes", [])):
+        rows.append(
+            f"\nnft cases above {nft_max:,} Services are not run (`--nft-max-services`): "
+            "iptables-nft-restore alone needs minutes for one cold load of 10k Services."
+        )
     return head + "\n".join(rows) + "\n"
 
 
@@ -455,12 +461,17 @@ def main(args: argparse.Namespace) -> int:
             "changes": args.changes,
             "partial_min": args.partial_min,
             "case_timeout_s": args.case_timeout,
+            "nft_max_services": getattr(args, "nft_max_services", None),
         },
         "cases": [],
     }
     output.parent.mkdir(parents=True, exist_ok=True)
+    nft_max = getattr(args, "nft_max_services", None)
     for services in sizes:
         for backend in backends:
+            if backend == "nft" and nft_max is not None and services > nft_max:
+                print(f"-- nft {services}: skipped (--nft-max-services {nft_max})", file=sys.stderr)
+                continue
             print(f"== {backend} {services} x {args.endpoints}", file=sys.stderr, flush=True)
             case, _ = run_one(backend, services, args)
             results["cases"].append(case)

@@ -7,7 +7,9 @@ raw tool and upstream's shape beside kproxy), change_latency.png (incremental ch
 latency), forwarding.png (userspace mode against direct, HAProxy and socat) and
 selection.png, next to the results file unless --out is given, and headline.md (the
 table). With --readme, the table and the chart links between the markers
-``<!-- bench:headline:start -->`` and ``<!-- bench:headline:end -->`` are replaced."""
+``<!-- bench:headline:start -->`` and ``<!-- bench:headline:end -->`` are replaced, and
+each part's table between ``<!-- bench:<part>:start -->`` and ``<!-- bench:<part>:end -->``
+(iptables, nftables, ipvs, userspace, apiserver) is redrawn from that part's results file."""
 
 from __future__ import annotations
 
@@ -212,6 +214,117 @@ def headline_markdown(doc: dict[str, Any]) -> str:
             f"| {h['comparison']} | {h['at']} | {h['ratio']:.2f} | {h['numbers']} | {h['reads']} |"
         )
     return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------------------
+# per-part tables (README sections between <!-- bench:<part>:start/end --> markers)
+
+
+def _ipvs_table(data: dict[str, Any]) -> str:
+    lines = [
+        "| Services x real servers | kproxy (netlink) | objects/s | `ipvsadm -R` | objects/s "
+        "| speed-up | one-endpoint change (median) | full resync, nothing to do |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for c in data.get("cases", []):
+        lines.append(
+            f"| {c['services']:,} x {c['real_servers_per_service']} | {_fmt_s(c['kproxy_seconds'])}"
+            f" | {c['kproxy_objects_per_second']:,.0f} | {_fmt_s(c['ipvsadm_restore_seconds'])}"
+            f" | {c['ipvsadm_objects_per_second']:,.0f} | {c['ratio_kproxy_over_ipvsadm']:.1f}x"
+            f" | {_fmt_s(c['one_endpoint_change_seconds_median'])}"
+            f" | {_fmt_s(c['kproxy_full_resync_seconds'])} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _userspace_table(data: dict[str, Any]) -> str:
+    r = data["results"]
+    names = {
+        "direct": "direct",
+        "kproxy": "kproxy userspace",
+        "haproxy": "HAProxy (tcp)",
+        "socat": "socat",
+    }
+    lines = [
+        "| path | single-stream throughput (Gbit/s) | vs direct | new connections/s "
+        "| added p50 (µs) | added p99 (µs) | KiB per idle connection |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for key, name in names.items():
+        x = r.get(key)
+        if not x:
+            continue
+        direct = r.get("direct", {}).get("throughput_gbit_s") or 1.0
+        lines.append(
+            f"| {name} | {x['throughput_gbit_s']:.2f} | {x['throughput_gbit_s'] / direct:.2f}"
+            f" | {x['connections_per_s']:,.0f} | {x.get('added_latency_p50_us', 0)}"
+            f" | {x.get('added_latency_p99_us', 0)} | {x.get('idle_kib_per_connection', '-')} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _apiserver_table(data: dict[str, Any]) -> str:
+    lines = [
+        "| Services x endpoints | changes (rate) | first sync | change to kernel p50 | p99 "
+        "| daemon RSS after changes |",
+        "|---:|---:|---:|---:|---:|---:|",
+    ]
+    for c in data.get("cases", []):
+        lines.append(
+            f"| {c['services']:,} x {c['endpoints_per_service']} | {c['measured']}"
+            f" ({c['change_rate_per_second']:g}/s) | {_fmt_s(c['first_sync_seconds'])}"
+            f" | {_fmt_s(c['latency_p50_seconds'])} | {_fmt_s(c['latency_p99_seconds'])}"
+            f" | {c['rss_mib_after_changes']:.0f} MiB |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def part_markdown(doc: dict[str, Any], part: str) -> str | None:
+    """The README table of one part, from the results file the suite recorded for it,
+    headed by when and how that part was run; None when the part has no results."""
+    entry = doc.get("parts", {}).get(part)
+    if not entry or not entry.get("measurements"):
+        return None
+    source = Path(entry["source"])
+    path = source if source.is_absolute() else ROOT / source
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if part in ("iptables", "nftables"):
+        table = data.get("markdown")
+    elif part == "ipvs":
+        table = _ipvs_table(data)
+    elif part == "userspace":
+        table = _userspace_table(data)
+    elif part == "apiserver":
+        table = _apiserver_table(data)
+    else:
+        return None
+    if not table:
+        return None
+    run = entry.get("run") or {}
+    h = doc.get("host", {})
+    if run:
+        load = run.get("load_average_at_start")
+        how = (
+            f"From the `make bench` run of {doc.get('updated', '?')[:10]} "
+            f"(status {entry['status']}, "
+            f"{run.get('elapsed_s', 0):.0f} s"
+            + (f", load average {load[0]:.1f} at start" if load else "")
+            + f"), kernel {h.get('kernel', '?')}, {h.get('cores', '?')} cores"
+        )
+    else:
+        how = "Imported by `python -m bench collect` (this part's own last run, not the suite's)"
+    return f"{how}; data: `{entry['source']}`.\n\n{table.rstrip()}\n"
+
+
+def _replace_block(text: str, start: str, end: str, body: str) -> str | None:
+    if start not in text or end not in text:
+        return None
+    head, rest = text.split(start, 1)
+    _, tail = rest.split(end, 1)
+    return f"{head}{start}\n{body}{end}{tail}"
 
 
 # --------------------------------------------------------------------------------------
@@ -462,7 +575,15 @@ def update_readme(readme: Path, doc: dict[str, Any], charts: Iterable[Path]) -> 
     )
     head, rest = text.split(START, 1)
     _, tail = rest.split(END, 1)
-    readme.write_text(head + block + tail)
+    text = head + block + tail
+    for part in ("iptables", "nftables", "ipvs", "userspace", "apiserver"):
+        body = part_markdown(doc, part)
+        if body is not None:
+            replaced = _replace_block(
+                text, f"<!-- bench:{part}:start -->", f"<!-- bench:{part}:end -->", body
+            )
+            text = replaced if replaced is not None else text
+    readme.write_text(text)
     return True
 
 

@@ -221,6 +221,31 @@ def test_part_run_records_cpu_rss_and_normalised_rows(tmp_path: Path) -> None:
     assert suite.validate(saved) == []
 
 
+def test_collect_force_keeps_the_run_of_an_unchanged_file(results: Path) -> None:
+    suite_path = results / "suite.json"
+    doc = json.loads(suite_path.read_text())
+    run = {"status": "ok", "output_written": True, "elapsed_s": 1.0, "budget_s": 9.0}
+    suite.record(doc, "selection", results / "selection.json", run)
+    suite.save(suite_path, doc)
+    assert suite.collect(results, force=True) == 0
+    kept = json.loads(suite_path.read_text())["parts"]["selection"]
+    assert kept["run"] == run and kept["status"] == "ok"
+    # A file rewritten since that run is imported, and its run record is dropped.
+    data = json.loads((results / "selection.json").read_text())
+    data["note"] = "rerun by hand"
+    (results / "selection.json").write_text(json.dumps(data))
+    assert suite.collect(results, force=True) == 0
+    now = json.loads(suite_path.read_text())["parts"]["selection"]
+    assert now["run"] is None and now["status"] == "imported"
+
+
+def test_full_iptables_plan_leaves_out_nft_above_10k() -> None:
+    p = suite.plan("iptables", quick=False, budget=1000)
+    assert "--nft-max-services=10000" in p.argv
+    assert p.steps == 2 * 5  # legacy 1k/10k/30k, nft 1k/10k
+    assert "--case-timeout=190" in p.argv  # 0.95 x 1000 s over 5 cases
+
+
 def test_budget_kills_a_part_that_runs_too_long(tmp_path: Path) -> None:
     p = suite.Plan(
         "userspace",

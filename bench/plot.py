@@ -220,25 +220,43 @@ def headline_markdown(doc: dict[str, Any]) -> str:
 # per-part tables (README sections between <!-- bench:<part>:start/end --> markers)
 
 
+def cell(c: dict[str, Any], key: str, kind: str) -> str:
+    """One table cell from a results row; "-" when the row lacks the number."""
+    v = c.get(key)
+    if not isinstance(v, int | float):
+        return "-"
+    return {
+        "s": _fmt_s,
+        "rate": "{:,.0f}".format,
+        "x": "{:.1f}x".format,
+        "2f": "{:.2f}".format,
+        "mib": "{:.0f} MiB".format,
+        "g": "{:g}".format,
+    }[kind](v)
+
+
 def _ipvs_table(data: dict[str, Any]) -> str:
     lines = [
         "| Services x real servers | kproxy (netlink) | objects/s | `ipvsadm -R` | objects/s "
         "| speed-up | one-endpoint change (median) | full resync, nothing to do |",
         "|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
+
     for c in data.get("cases", []):
         lines.append(
-            f"| {c['services']:,} x {c['real_servers_per_service']} | {_fmt_s(c['kproxy_seconds'])}"
-            f" | {c['kproxy_objects_per_second']:,.0f} | {_fmt_s(c['ipvsadm_restore_seconds'])}"
-            f" | {c['ipvsadm_objects_per_second']:,.0f} | {c['ratio_kproxy_over_ipvsadm']:.1f}x"
-            f" | {_fmt_s(c['one_endpoint_change_seconds_median'])}"
-            f" | {_fmt_s(c['kproxy_full_resync_seconds'])} |"
+            f"| {c.get('services', 0):,} x {c.get('real_servers_per_service', '?')}"
+            f" | {cell(c, 'kproxy_seconds', 's')} | {cell(c, 'kproxy_objects_per_second', 'rate')}"
+            f" | {cell(c, 'ipvsadm_restore_seconds', 's')}"
+            f" | {cell(c, 'ipvsadm_objects_per_second', 'rate')}"
+            f" | {cell(c, 'ratio_kproxy_over_ipvsadm', 'x')}"
+            f" | {cell(c, 'one_endpoint_change_seconds_median', 's')}"
+            f" | {cell(c, 'kproxy_full_resync_seconds', 's')} |"
         )
     return "\n".join(lines) + "\n"
 
 
 def _userspace_table(data: dict[str, Any]) -> str:
-    r = data["results"]
+    r = data.get("results", {})
     names = {
         "direct": "direct",
         "kproxy": "kproxy userspace",
@@ -250,15 +268,18 @@ def _userspace_table(data: dict[str, Any]) -> str:
         "| added p50 (µs) | added p99 (µs) | KiB per idle connection |",
         "|---|---:|---:|---:|---:|---:|---:|",
     ]
+    direct = r.get("direct", {}).get("throughput_gbit_s") or 1.0
     for key, name in names.items():
-        x = r.get(key)
+        x = dict(r.get(key) or {})
         if not x:
             continue
-        direct = r.get("direct", {}).get("throughput_gbit_s") or 1.0
+        if isinstance(x.get("throughput_gbit_s"), int | float):
+            x["vs_direct"] = x["throughput_gbit_s"] / direct
         lines.append(
-            f"| {name} | {x['throughput_gbit_s']:.2f} | {x['throughput_gbit_s'] / direct:.2f}"
-            f" | {x['connections_per_s']:,.0f} | {x.get('added_latency_p50_us', 0)}"
-            f" | {x.get('added_latency_p99_us', 0)} | {x.get('idle_kib_per_connection', '-')} |"
+            f"| {name} | {cell(x, 'throughput_gbit_s', '2f')} | {cell(x, 'vs_direct', '2f')}"
+            f" | {cell(x, 'connections_per_s', 'rate')} | {cell(x, 'added_latency_p50_us', 'g')}"
+            f" | {cell(x, 'added_latency_p99_us', 'g')}"
+            f" | {cell(x, 'idle_kib_per_connection', 'g')} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -271,10 +292,11 @@ def _apiserver_table(data: dict[str, Any]) -> str:
     ]
     for c in data.get("cases", []):
         lines.append(
-            f"| {c['services']:,} x {c['endpoints_per_service']} | {c['measured']}"
-            f" ({c['change_rate_per_second']:g}/s) | {_fmt_s(c['first_sync_seconds'])}"
-            f" | {_fmt_s(c['latency_p50_seconds'])} | {_fmt_s(c['latency_p99_seconds'])}"
-            f" | {c['rss_mib_after_changes']:.0f} MiB |"
+            f"| {c.get('services', 0):,} x {c.get('endpoints_per_service', '?')}"
+            f" | {cell(c, 'measured', 'g')} ({cell(c, 'change_rate_per_second', 'g')}/s)"
+            f" | {cell(c, 'first_sync_seconds', 's')} | {cell(c, 'latency_p50_seconds', 's')}"
+            f" | {cell(c, 'latency_p99_seconds', 's')}"
+            f" | {cell(c, 'rss_mib_after_changes', 'mib')} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -291,8 +313,14 @@ def part_markdown(doc: dict[str, Any], part: str) -> str | None:
         data = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-    if part in ("iptables", "nftables"):
-        table = data.get("markdown")
+    if part == "iptables":
+        from bench import iptables_sync
+
+        table = data.get("markdown") or iptables_sync.markdown_table(data)
+    elif part == "nftables":
+        from bench import bench_nftables
+
+        table = data.get("markdown") or bench_nftables.markdown(data)
     elif part == "ipvs":
         table = _ipvs_table(data)
     elif part == "userspace":

@@ -65,8 +65,10 @@ def synthetic_parts() -> dict[str, dict[str, Any]]:
             {
                 "services": n,
                 "kproxy_render_s": n * 1e-5,
+                "kproxy_nft_s": n * 0.9e-4,
                 "kproxy_total_s": n * 1e-4,
                 "raw_nft_s": n * 0.9e-4,
+                "ratio_total_to_raw": 1.11,
                 "kproxy_nft_cpu": {"user": 0.1, "sys": 0.1},
                 "raw_nft_cpu": {"user": 0.1, "sys": 0.1},
                 "upstream_nft_s": n * 1e-3 if n < 10000 else None,
@@ -310,12 +312,24 @@ def test_plots_from_synthetic_results(results: Path, tmp_path: Path) -> None:
             assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
     assert "ratio" in (out / "headline.md").read_text()
     readme = tmp_path / "README.md"
-    readme.write_text(f"# x\n\nbefore\n{plot.START}\nold\n{plot.END}\nafter\n")
+    parts = "".join(
+        f"<!-- bench:{p}:start -->\nstale {p}\n<!-- bench:{p}:end -->\n"
+        for p in ("iptables", "nftables", "ipvs", "userspace", "apiserver")
+    )
+    readme.write_text(f"# x\n\nbefore\n{plot.START}\nold-headline\n{plot.END}\nafter\n{parts}")
     doc = json.loads((results / "suite.json").read_text())
     assert plot.update_readme(readme, doc, written)
     text = readme.read_text()
-    assert "old" not in text and "before" in text and "after" in text
+    assert "old-headline" not in text and "before" in text and "after" in text
     assert "![sync time](charts/sync_time.png)" in text
+    # Every part's table is redrawn from its results file, headed by where it came from.
+    assert "stale" not in text
+    for part in ("iptables", "nftables", "ipvs", "userspace", "apiserver"):
+        block = text.split(f"<!-- bench:{part}:start -->")[1].split(f"<!-- bench:{part}:end")[0]
+        assert f"{part}.json" in block and "\n|" in block, (part, block)
+    parts_data = synthetic_parts()
+    kproxy_gbit = parts_data["userspace"]["results"]["kproxy"]["throughput_gbit_s"]
+    assert f"| kproxy userspace | {kproxy_gbit:.2f} |" in text
 
 
 def test_plot_command(results: Path, tmp_path: Path) -> None:

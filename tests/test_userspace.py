@@ -112,7 +112,7 @@ class Loop:
 
 
 class Env:
-    def __init__(self) -> None:
+    def __init__(self, families: tuple[int, ...] = (4,), node_ip: str = "10.255.0.1") -> None:
         from kproxy import _core
         from kproxy.dataplane.userspace import UserspaceBackend
         from kproxy.node import NodeInfo
@@ -122,8 +122,8 @@ class Env:
         cfg = types.SimpleNamespace(cluster_cidrs=[], detect_local_mode="ClusterCIDR")
         self.backend = UserspaceBackend(
             cfg,
-            NodeInfo(name="n1", ips=("10.255.0.1",)),
-            (4,),
+            NodeInfo(name="n1", ips=(node_ip,)),
+            families,
             forwarder_config={"udp_idle_timeout_ms": 2000, "connect_timeout_ms": 500},
             register_metrics=False,
         )

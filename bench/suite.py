@@ -952,6 +952,16 @@ def run_parts(
                 f"    {shlex.join(p.argv)}\n"
             )
         return 0
+    # A part writing elsewhere (`python -m bench iptables -o /tmp/x.json`) is a one-off
+    # run: it is not recorded in the suite, and the charts are not redrawn.
+    elsewhere = [p for p in plans if p.output.resolve().parent != out_dir.resolve()]
+    if elsewhere:
+        worst = 0
+        for p in elsewhere:
+            run = run_part(p, stream)
+            stream.write(f"{p.part}: {run['status']}; results in {p.output} (not in the suite)\n")
+            worst = max(worst, int(run["status"] == "failed"))
+        return worst
     doc = load(suite_path)
     doc["host"] = host()
     doc["mode"] = "quick" if quick else "full"

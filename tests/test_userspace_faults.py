@@ -19,19 +19,12 @@ from typing import Any
 
 import pytest
 
+import test_userspace
 from test_userspace import Env, connect, netns, service, slice_
 
 pytestmark = pytest.mark.kernel
 
-
-@pytest.fixture
-def env() -> Iterator[Env]:
-    with netns():
-        e = Env()
-        try:
-            yield e
-        finally:
-            e.close()
+env = test_userspace.env  # the same fixture: a namespace with the forwarder in it
 
 
 def wait_until(cond: Any, timeout: float = 10.0) -> bool:

@@ -168,13 +168,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rate", type=float, default=100.0, help="endpoint changes per second")
     p.add_argument("--changes", type=int, default=300, help="changes per case (300)")
     args = p.parse_args(argv)
-    cases = [
-        run(int(n), args.endpoints, args.rate, args.changes)
-        for n in args.services.split(",")
-        if n.strip()
-    ]
+    cases: list[dict[str, Any]] = []
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps({"benchmark": "apiserver", "cases": cases}, indent=2) + "\n")
+    for n in (n for n in args.services.split(",") if n.strip()):
+        cases.append(run(int(n), args.endpoints, args.rate, args.changes))
+        print(f"case {n}: {json.dumps(cases[-1])}", file=sys.stderr, flush=True)
+        # Written after every case, so a run cut by its time budget keeps what it measured.
+        doc = {"benchmark": "apiserver", "cases": cases}
+        RESULTS.write_text(json.dumps(doc, indent=2) + "\n")
     print(json.dumps(cases, indent=2))
     return 0
 

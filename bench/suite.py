@@ -201,7 +201,8 @@ def plan(
             (),
             root=False,
         )
-    return Plan(part, argv + extra, output, b, None, None, ())  # apiserver
+    # apiserver: one "case N:" line per size (200 quick; 1000 and 5000 full)
+    return Plan(part, argv + extra, output, b, 1 if quick else 2, re.compile(r"^case \d+:"), ())
 
 
 def _child(argv: list[str]) -> int:

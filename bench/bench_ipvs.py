@@ -1,7 +1,10 @@
 """IPVS programming benchmark (issue 5): N virtual services x 2 real servers programmed
 through kproxy's Rust client (batched generic netlink) and through ``ipvsadm -R`` of the
-same set, in the same kernel; plus a one-endpoint change at the largest N, which must
-cost O(change) (one message, no dump).
+same set, in the same kernel; plus a one-endpoint change (an EndpointSlice update in the
+model) at each N, which must cost O(change): the planner re-plans the one Service the
+model's change log names and the reconciler sends its changes, no dump. The same change
+through the whole-model path (a JSON plan of every Service diffed against everything
+programmed, what syncs did before the planner) is measured in the same run.
 
 IPVS exists only in the qemu guest here, so ``python -m bench.bench_ipvs`` boots the
 guest (tests/guest/harness.py) and runs itself inside with ``--inside``; the results
@@ -58,6 +61,65 @@ def count_services() -> int:
     return sum(1 for line in out.splitlines() if line.startswith("TCP "))
 
 
+def model_change(n: int, changes: int) -> dict[str, Any]:
+    """A model of n Services x 2 endpoints programmed through the planner, then
+    `changes` one-endpoint changes: incremental (IpvsProxier) and whole-model."""
+    from bench import gen
+    from kproxy import _core
+
+    sock = _core.IpvsSocket()
+    model = _core.Model()
+    for obj in gen.objects(n, 2):
+        key = f"{obj['metadata']['namespace']}/{obj['metadata']['name']}"
+        if obj["kind"] == "Service":
+            model.set_service(key, json.dumps(obj))
+        else:
+            model.set_endpoint_slice(key, json.dumps(obj))
+    cfg = json.dumps({"family": "v4", "node_name": gen.NODE_NAME, "scheduler": "rr"})
+    flush()
+    proxier = _core.IpvsProxier()
+    t0 = time.perf_counter()
+    proxier.plan(model, cfg, True)
+    first = json.loads(proxier.program(sock, [], []))
+    first_s = time.perf_counter() - t0
+    assert not first["errors"], first["errors"][:3]
+    index = n // 2
+    slice_key = gen.slice_key(index)
+    inc_s, inc_ops, inc_dumps, replanned = [], [], [], []
+    for c in range(changes):
+        model.set_endpoint_slice(slice_key, json.dumps(gen.endpoint_slice(index, 2, change=c)))
+        t0 = time.perf_counter()
+        delta = json.loads(proxier.plan(model, cfg, False))
+        rep = json.loads(proxier.program(sock, [], []))
+        inc_s.append(time.perf_counter() - t0)
+        assert not rep["errors"], rep["errors"]
+        inc_ops.append(rep["ops"])
+        inc_dumps.append(rep["dumps"])
+        replanned.append(delta["replanned"])
+    # The whole-model path on the same kernel state: plan every Service as JSON,
+    # diff everything (a reconciler that already holds this state).
+    r = _core.IpvsReconciler()
+    r.sync(sock, _core.ipvs_plan(model, cfg), [], [], True)
+    whole_s = []
+    for c in range(changes, 2 * changes):
+        model.set_endpoint_slice(slice_key, json.dumps(gen.endpoint_slice(index, 2, change=c)))
+        t0 = time.perf_counter()
+        rep = json.loads(r.sync(sock, _core.ipvs_plan(model, cfg), [], [], False))
+        whole_s.append(time.perf_counter() - t0)
+        assert not rep["errors"], rep["errors"]
+    flush()
+    return {
+        "model_first_sync_seconds": first_s,
+        "one_endpoint_change_seconds_median": statistics.median(inc_s),
+        "one_endpoint_change_seconds": inc_s,
+        "one_endpoint_change_ops": inc_ops,
+        "one_endpoint_change_dumps": inc_dumps,
+        "one_endpoint_change_replanned": replanned,
+        "whole_model_change_seconds_median": statistics.median(whole_s),
+        "whole_model_change_seconds": whole_s,
+    }
+
+
 def inside(sizes: list[int], changes: int) -> dict[str, Any]:
     from kproxy import _core
 
@@ -80,17 +142,6 @@ def inside(sizes: list[int], changes: int) -> dict[str, Any]:
         t0 = time.perf_counter()
         full = json.loads(r.sync(sock, plan, [], [], True))
         full_s = time.perf_counter() - t0
-        # One-endpoint change: O(change).
-        change_s = []
-        change_ops = []
-        change_dumps = []
-        for c in range(changes):
-            svcs[n // 2][1][0]["addr"] = f"10.245.{c % 250}.{c // 250 + 1}"
-            t0 = time.perf_counter()
-            rep = json.loads(r.sync(sock, json.dumps({"services": svcs}), [], [], False))
-            change_s.append(time.perf_counter() - t0)
-            change_ops.append(rep["ops"])
-            change_dumps.append(rep["dumps"])
         # ipvsadm -R of the same set (process start included: that is the tool).
         flush()
         text = ipvsadm_text(specs(n))
@@ -113,10 +164,7 @@ def inside(sizes: list[int], changes: int) -> dict[str, Any]:
                 "kproxy_full_resync_seconds": full_s,
                 "kproxy_full_resync_dumps": full["dumps"],
                 "kproxy_full_resync_ops": full["ops"],
-                "one_endpoint_change_seconds_median": statistics.median(change_s),
-                "one_endpoint_change_seconds": change_s,
-                "one_endpoint_change_ops": change_ops,
-                "one_endpoint_change_dumps": change_dumps,
+                **model_change(n, changes),
             }
         )
     return {
@@ -163,7 +211,9 @@ def main(argv: list[str] | None = None) -> int:
             f"{c['ipvsadm_restore_seconds']:.2f}s ({c['ipvsadm_objects_per_second']:.0f} obj/s),"
             f" ratio {c['ratio_kproxy_over_ipvsadm']:.2f}; one-endpoint change "
             f"{c['one_endpoint_change_seconds_median'] * 1000:.1f} ms "
-            f"(ops {c['one_endpoint_change_ops'][0]}, dumps {c['one_endpoint_change_dumps'][0]})"
+            f"(ops {c['one_endpoint_change_ops'][0]}, dumps {c['one_endpoint_change_dumps'][0]},"
+            f" replanned {c['one_endpoint_change_replanned'][0]}; whole-model path "
+            f"{c['whole_model_change_seconds_median'] * 1000:.1f} ms)"
         )
     print(f"written to {args.output}")
     return 0

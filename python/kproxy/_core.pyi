@@ -8,6 +8,7 @@ __version__: str
 __all__ = [
     "Forwarder",
     "IptablesRenderer",
+    "IpvsProxier",
     "IpvsReconciler",
     "IpvsSocket",
     "Model",
@@ -211,6 +212,20 @@ class IpvsReconciler:
         """Program the plan's virtual servers; returns the report as JSON."""
     @property
     def needs_full(self) -> bool: ...
+    def invalidate(self) -> None: ...
+
+@final
+class IpvsProxier:
+    """The ipvs mode's planner and reconciler for one IP family: `plan` re-plans only
+    the Services changed since the last plan; `program` programs that plan's virtual
+    servers (a full plan reconciles against one kernel dump)."""
+
+    def __new__(cls) -> IpvsProxier: ...
+    def plan(self, model: Model, config_json: str, full: bool = False) -> str:
+        """JSON {full, bind_add, bind_del, ipset_add, ipset_del, health_checks,
+        warnings, conntrack, replanned}."""
+    def program(self, sock: IpvsSocket, owned: list[str], exclude_cidrs: list[str]) -> str:
+        """Program the last plan's virtual servers; returns the report as JSON."""
     def invalidate(self) -> None: ...
 
 def ipvs_plan(model: Model, config_json: str) -> str:

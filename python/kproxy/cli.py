@@ -30,7 +30,7 @@ def setup_logging(verbosity: int) -> None:
     )
 
 
-def cleanup_all() -> int:
+def cleanup_all(ipvs_exclude_cidrs: tuple[str, ...] = ()) -> int:
     from kproxy.dataplane import leftovers
     from kproxy.dataplane.iptables import IptablesBackend
     from kproxy.dataplane.ipvs import IpvsBackend
@@ -39,7 +39,7 @@ def cleanup_all() -> int:
     failed = IptablesBackend.cleanup_static()
     failed |= NftablesBackend.cleanup_static()
     failed |= leftovers.remove_nft_tables()
-    failed |= IpvsBackend.cleanup_static()
+    failed |= IpvsBackend.cleanup_static(ipvs_exclude_cidrs)
     failed |= leftovers.remove_ipvs_interface()
     return 1 if failed else 0
 
@@ -65,7 +65,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("kproxy: the daemon runs on Linux only", file=sys.stderr)
         return 1
     if cfg.cleanup:
-        return cleanup_all()
+        return cleanup_all(tuple(cfg.ipvs_exclude_cidrs))
     try:
         return run(cfg)
     except ConfigError as e:

@@ -7,6 +7,7 @@ of service IPs on non-service ports) and the IPVS sysctls and timeouts."""
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import json
 import logging
@@ -128,13 +129,15 @@ class IpvsBackend:
             self.sock = _core.IpvsSocket()
         except FileNotFoundError as e:
             raise KproxyError(f"--proxy-mode ipvs: the kernel has no IPVS (load ip_vs): {e}") from e
-        self.reconciler = _core.IpvsReconciler()
+        #: per IP family: the planner and what was programmed (kproxy-core)
+        self.proxiers = {f: _core.IpvsProxier() for f in self.families}
+        self._nodeports: dict[int, list[str]] | None = None
+        self._health_checks: dict[int, tuple[str, int]] = {}
         self.backend = detect_backend()
         self.tools = Tools(4, self.backend)
-        self._ipsets: dict[str, set[str]] | None = None
+        #: False until the first ipset restore (then only changes are written)
+        self._ipsets_loaded = False
         self._rules: str | None = None
-        #: UDP virtual server (addr, port) -> its real servers "ip:port", last sync
-        self._udp: dict[tuple[str, int], set[tuple[str, int]]] = {}
         for k, v in SYSCTLS.items():
             _sysctl(k, v)
         if cfg.ipvs_strict_arp:
@@ -167,91 +170,101 @@ class IpvsBackend:
             and not ipaddress.ip_address(ip).is_link_local
         ]
 
-    def plan(self, model: _core.Model, family: int) -> dict[str, Any]:
-        config = {
-            "family": "v4" if family == 4 else "v6",
-            "node_name": self.node.name,
-            "zone": self.node.zone,
-            "scheduler": self.cfg.ipvs_scheduler or "rr",
-            "nodeport_ips": self.nodeport_addresses(family),
-        }
-        plan: dict[str, Any] = json.loads(_core.ipvs_plan(model, json.dumps(config)))
-        return plan
+    def plan_config(self, family: int, nodeports: list[str]) -> str:
+        return json.dumps(
+            {
+                "family": "v4" if family == 4 else "v6",
+                "node_name": self.node.name,
+                "zone": self.node.zone,
+                "scheduler": self.cfg.ipvs_scheduler or "rr",
+                "nodeport_ips": nodeports,
+            }
+        )
 
     def set_node(self, node: NodeInfo) -> None:
         self.node = node
+        self._nodeports = None
 
     # -- sync --------------------------------------------------------------------------
 
     def sync(self, model: _core.Model, full: bool) -> SyncResult:
+        """Plan the Services the model's change log names (all of them on a full
+        sync), then apply only what changed: kube-ipvs0 addresses, virtual servers,
+        ipset members; a full sync reconciles each against one read of the kernel."""
+        try:
+            return self._sync(model, full)
+        except BaseException:
+            # Whatever part failed, the next sync starts from the kernel again.
+            for p in self.proxiers.values():
+                p.invalidate()
+            self._ipsets_loaded = False
+            self._rules = None
+            raise
+
+    def _sync(self, model: _core.Model, full: bool) -> SyncResult:
         result = SyncResult(full=full, changed=False)
-        plans = [self.plan(model, f) for f in self.families]
-        services = [s for p in plans for s in p["services"]]
-        bind = sorted({a for p in plans for a in p["bind_addrs"]})
-        for p in plans:
-            for w in p["warnings"]:
+        if full or self._nodeports is None:
+            # Listing local addresses walks kube-ipvs0's too (one per service
+            # address): done on full syncs and node changes only.
+            self._nodeports = {f: self.nodeport_addresses(f) for f in self.families}
+        nodeports = self._nodeports
+        deltas = {
+            f: json.loads(self.proxiers[f].plan(model, self.plan_config(f, nodeports[f]), full))
+            for f in self.families
+        }
+        full = any(d["full"] for d in deltas.values())
+        if full and not all(d["full"] for d in deltas.values()):
+            deltas = {
+                f: json.loads(self.proxiers[f].plan(model, self.plan_config(f, nodeports[f]), True))
+                for f in self.families
+            }
+        for d in deltas.values():
+            for w in d["warnings"]:
                 log.warning("%s", w)
-            for port, (svc, n) in p["health_checks"].items():
-                result.health_checks[int(port)] = (svc, n)
-        bound_before = self.sync_interface(bind)
-        nodeports = {a for f in self.families for a in self.nodeport_addresses(f)}
-        owned = sorted(set(bound_before) | set(bind) | nodeports)
-        report = json.loads(
-            self.reconciler.sync(
-                self.sock,
-                json.dumps({"services": services}),
-                owned,
-                list(self.cfg.ipvs_exclude_cidrs),
-                full,
-            )
+            if d["health_checks"] is not None:
+                self._health_checks = {
+                    int(port): (svc, n) for port, (svc, n) in d["health_checks"].items()
+                }
+        result.health_checks = dict(self._health_checks)
+        bind_add = sorted({a for d in deltas.values() for a in d["bind_add"]})
+        bind_del = sorted({a for d in deltas.values() for a in d["bind_del"]})
+        released = self.sync_interface(bind_add, bind_del, full)
+        owned = sorted({*released, *(a for f in self.families for a in nodeports[f])})
+        exclude = list(self.cfg.ipvs_exclude_cidrs)
+        reports = [
+            json.loads(self.proxiers[f].program(self.sock, owned, exclude)) for f in self.families
+        ]
+        result.full = full or any(r["full"] for r in reports)
+        entries = [e for d in deltas.values() for e in d["conntrack"]]
+        if entries:
+            conntrack.clear(entries)
+        ipsets_changed = self.sync_ipsets(deltas[self.families[0]], full)
+        self.sync_rules(full)
+        result.changed = (
+            any(r["ops"] > 0 for r in reports) or bool(bind_add or bind_del) or ipsets_changed
         )
-        result.full = bool(report["full"])
-        result.changed = report["ops"] > 0
-        self.clear_udp_conntrack(services)
-        self.sync_ipsets(plans[0]["ipsets"], result.full)
-        self.sync_rules(result.full)
-        result.stats["ipvs"] = {k: v for k, v in report.items() if k != "errors"}
-        if report["errors"]:
-            for e in report["errors"]:
+        errors = [e for r in reports for e in r["errors"]]
+        stats = {k: sum(r[k] for r in reports) for k in reports[0] if k not in ("errors", "full")}
+        stats["replanned"] = sum(d["replanned"] for d in deltas.values())
+        result.stats["ipvs"] = stats
+        if errors:
+            for e in errors:
                 log.error("ipvs: %s", e)
             # Everything else is applied; the runner retries (the reconciler re-reads
             # the kernel on that sync).
-            raise SyncError(
-                f"{len(report['errors'])} IPVS change(s) failed, first: {report['errors'][0]}"
-            )
+            raise SyncError(f"{len(errors)} IPVS change(s) failed, first: {errors[0]}")
         return result
 
-    def clear_udp_conntrack(self, services: list[Any]) -> None:
-        """As upstream: a UDP virtual server that gained its first real server, and a
-        UDP real server that went away, get their stale conntrack entries cleared (a
-        client resending from the same port would otherwise stay blackholed)."""
-        now: dict[tuple[str, int], set[tuple[str, int]]] = {}
-        for vs, dests in services:
-            if vs["protocol"] == 17:
-                now[(vs["addr"], vs["port"])] = {(d["addr"], d["port"]) for d in dests}
-        entries: list[dict[str, Any]] = []
-        for (ip, port), dests in now.items():
-            old = self._udp.get((ip, port), set())
-            if dests and not old:
-                entries.append({"kind": "service-ip", "ip": ip, "port": port, "protocol": "udp"})
-            for eip, _ in old - dests:
-                entries.append(
-                    {
-                        "kind": "endpoint",
-                        "ip": ip,
-                        "port": port,
-                        "endpoint_ip": eip,
-                        "protocol": "udp",
-                    }
-                )
-        self._udp = now
-        if entries:
-            conntrack.clear(entries)
-
-    def sync_interface(self, want: list[str]) -> list[str]:
-        """kube-ipvs0 holds exactly `want` (added only when missing); returns what it
-        held before."""
+    def sync_interface(self, add: list[str], remove: list[str], full: bool) -> list[str]:
+        """kube-ipvs0 gains `add` and loses `remove`; on a full sync `add` is
+        everything it must hold and what else it holds goes (read once). Returns the
+        addresses it gave up or held before a full sync (their virtual servers are
+        kproxy's to delete)."""
         from pyroute2 import IPRoute
+        from pyroute2.netlink.exceptions import NetlinkError
+
+        def plen(ip: str) -> int:
+            return 32 if ipaddress.ip_address(ip).version == 4 else 128
 
         with IPRoute() as ipr:
             idx = ipr.link_lookup(ifname=IPVS_INTERFACE)
@@ -260,33 +273,42 @@ class IpvsBackend:
                 idx = ipr.link_lookup(ifname=IPVS_INTERFACE)
                 log.info("created %s", IPVS_INTERFACE)
             index = idx[0]
-            have = [a.get_attr("IFA_ADDRESS") for a in ipr.get_addr(index=index)]
-            for ip in sorted(set(want) - set(have)):
-                plen = 32 if ipaddress.ip_address(ip).version == 4 else 128
-                ipr.addr("add", index=index, address=ip, prefixlen=plen)
-            for ip in sorted(set(have) - set(want)):
-                plen = 32 if ipaddress.ip_address(ip).version == 4 else 128
+            have: set[str] = set()
+            if full:
+                have = {str(a.get_attr("IFA_ADDRESS")) for a in ipr.get_addr(index=index)}
+                remove = sorted(have - set(add))
+                add = sorted(set(add) - have)
+            for ip in add:
                 try:
-                    ipr.addr("del", index=index, address=ip, prefixlen=plen)
-                except Exception as e:  # already gone
+                    ipr.addr("add", index=index, address=ip, prefixlen=plen(ip))
+                except NetlinkError as e:
+                    if e.code != errno.EEXIST:
+                        raise
+            for ip in remove:
+                try:
+                    ipr.addr("del", index=index, address=ip, prefixlen=plen(ip))
+                except NetlinkError as e:  # already gone
                     log.debug("unbind %s: %s", ip, e)
-        return [str(a) for a in have]
+        return sorted(have | set(remove))
 
-    def sync_ipsets(self, sets: dict[str, list[str]], full: bool) -> None:
-        want = {name: set(sets.get(name, ())) for name in IPSETS}
-        lines = [_create_line(n, k) for n, k in IPSETS.items()] if full or not self._ipsets else []
-        prev = None if full else self._ipsets
-        for name, members in want.items():
-            if prev is None:
+    def sync_ipsets(self, delta: dict[str, Any], full: bool) -> bool:
+        """One ``ipset restore``: on a full sync (or the first) every set is created
+        and refilled; otherwise only the members the plan added or removed are
+        written. True when something was written."""
+        lines: list[str] = []
+        if full or not self._ipsets_loaded:
+            lines = [_create_line(n, k) for n, k in IPSETS.items()]
+            for name in IPSETS:
                 lines.append(f"flush {name}")
-                lines.extend(f"add {name} {m} -exist" for m in sorted(members))
-                continue
-            old = prev.get(name, set())
-            lines.extend(f"del {name} {m} -exist" for m in sorted(old - members))
-            lines.extend(f"add {name} {m} -exist" for m in sorted(members - old))
+                lines.extend(f"add {name} {m} -exist" for m in delta["ipset_add"].get(name, ()))
+        else:
+            for name in IPSETS:
+                lines.extend(f"del {name} {m} -exist" for m in delta["ipset_del"].get(name, ()))
+                lines.extend(f"add {name} {m} -exist" for m in delta["ipset_add"].get(name, ()))
         if lines:
             _ipset("\n".join(lines) + "\n")
-        self._ipsets = want
+        self._ipsets_loaded = True
+        return bool(lines)
 
     def render_rules(self) -> dict[str, list[str]]:
         cfg = self.cfg
@@ -383,13 +405,14 @@ class IpvsBackend:
     # -- cleanup -----------------------------------------------------------------------
 
     def cleanup(self) -> bool:
-        return self.cleanup_static()
+        return self.cleanup_static(tuple(self.cfg.ipvs_exclude_cidrs))
 
     @staticmethod
-    def cleanup_static() -> bool:
+    def cleanup_static(exclude_cidrs: tuple[str, ...] = ()) -> bool:
         """Remove IPVS virtual servers on kube-ipvs0's addresses and NodePorts, our
         iptables chains and jumps, our ipsets and kube-ipvs0; True when something
-        failed. Virtual servers of others are kept."""
+        failed. Virtual servers of others, and those inside `exclude_cidrs`
+        (--ipvs-exclude-cidrs), are kept."""
         from kproxy.dataplane import leftovers
 
         failed = False
@@ -401,8 +424,12 @@ class IpvsBackend:
             sock = None
         if sock is not None:
             local = {ip for ip, _, _ in local_addresses()}
+            excluded = [ipaddress.ip_network(c, strict=False) for c in exclude_cidrs]
             doomed = []
             for vs in json.loads(sock.services()):
+                addr = ipaddress.ip_address(vs["addr"])
+                if any(addr.version == n.version and addr in n for n in excluded):
+                    continue
                 if vs["addr"] in bound or (
                     vs["addr"] in local and (vs["protocol"], vs["port"]) in nodeports
                 ):

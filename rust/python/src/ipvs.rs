@@ -9,7 +9,7 @@ use pyo3::exceptions::PyOSError;
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyModule};
 
-use kproxy_core::ipvs::desired::{plan, IpvsConfig, PlanServices};
+use kproxy_core::ipvs::desired::{plan, Desired, IpvsConfig, PlanServices, Planner};
 use kproxy_core::ipvs::reconcile::{Ownership, Reconciler};
 use kproxy_core::ipvs::socket::IpvsSocket as CoreSocket;
 use kproxy_core::ipvs::{wire, IpvsError, Kernel, Op, ServiceKey, Timeouts};
@@ -150,28 +150,7 @@ impl IpvsReconciler {
         full: bool,
     ) -> PyResult<String> {
         let plan: PlanServices = json_arg!(py, "ipvs plan", plan_json)?;
-        let mut own = Ownership {
-            addrs: HashSet::new(),
-            exclude: Vec::new(),
-        };
-        for a in &owned {
-            let ip = parse_ip(a).ok_or_else(|| {
-                to_py(
-                    py,
-                    Error::config("ipvs owned address", format!("{a:?} is not an IP")),
-                )
-            })?;
-            own.addrs.insert(ip);
-        }
-        for c in &exclude_cidrs {
-            let cidr = Cidr::parse(c).ok_or_else(|| {
-                to_py(
-                    py,
-                    Error::config("ipvs_exclude_cidrs", format!("{c:?} is not a CIDR")),
-                )
-            })?;
-            own.exclude.push(cidr);
-        }
+        let own = ownership(py, &owned, &exclude_cidrs)?;
         let inner = &mut self.inner;
         let sock = &mut sock.inner;
         let report = io(py, || inner.sync(sock, &plan.services, &own, full))?;
@@ -185,6 +164,117 @@ impl IpvsReconciler {
 
     fn invalidate(&mut self) {
         self.inner.invalidate();
+    }
+}
+
+fn ownership(py: Python<'_>, owned: &[String], exclude_cidrs: &[String]) -> PyResult<Ownership> {
+    let mut own = Ownership {
+        addrs: HashSet::new(),
+        exclude: Vec::new(),
+    };
+    for a in owned {
+        let ip = parse_ip(a).ok_or_else(|| {
+            to_py(
+                py,
+                Error::config("ipvs owned address", format!("{a:?} is not an IP")),
+            )
+        })?;
+        own.addrs.insert(ip);
+    }
+    for c in exclude_cidrs {
+        let cidr = Cidr::parse(c).ok_or_else(|| {
+            to_py(
+                py,
+                Error::config("ipvs_exclude_cidrs", format!("{c:?} is not a CIDR")),
+            )
+        })?;
+        own.exclude.push(cidr);
+    }
+    Ok(own)
+}
+
+/// The ipvs mode's state for one IP family: the planner (re-plans only the Services
+/// the model's change log names) and the reconciler (what was programmed). A sync is
+/// `plan` (returns the address and ipset changes for Python to apply) then
+/// `program` (the virtual servers of that plan); the virtual servers never cross
+/// into Python.
+#[pyclass(module = "kproxy._core")]
+struct IpvsProxier {
+    planner: Planner,
+    reconciler: Reconciler,
+    pending: Vec<(ServiceKey, Option<Desired>)>,
+    pending_full: bool,
+}
+
+#[pymethods]
+impl IpvsProxier {
+    #[new]
+    fn new() -> Self {
+        IpvsProxier {
+            planner: Planner::new(),
+            reconciler: Reconciler::new(),
+            pending: Vec::new(),
+            pending_full: false,
+        }
+    }
+
+    /// Plan the Services changed since the last plan (all when `full`, on the first
+    /// call, or when the config changed). Returns JSON {full, bind_add, bind_del,
+    /// ipset_add, ipset_del, health_checks, warnings, conntrack, replanned}; on a full
+    /// plan the additions are everything and the removals empty.
+    #[pyo3(signature = (model, config_json, full=false))]
+    fn plan(
+        &mut self,
+        py: Python<'_>,
+        model: PyRef<'_, Model>,
+        config_json: &str,
+        full: bool,
+    ) -> PyResult<String> {
+        let cfg: IpvsConfig = json_arg!(py, "ipvs config", config_json)?;
+        let m = &model.inner;
+        let planner = &mut self.planner;
+        let mut delta = py
+            .allow_threads(|| planner.plan(m, &cfg, full))
+            .map_err(|e| to_py(py, e))?;
+        self.pending_full = delta.full;
+        self.pending = std::mem::take(&mut delta.services);
+        to_json!(py, &delta)
+    }
+
+    /// Program the virtual servers of the last plan. A full plan (or a reconciler
+    /// that lost track after an error) reconciles against one kernel dump, deleting
+    /// kproxy's virtual servers that are no longer wanted: those on `owned` addresses
+    /// and on the addresses the plan binds, minus `exclude_cidrs`. Otherwise only
+    /// the changed virtual servers are programmed. Returns the report as JSON.
+    fn program(
+        &mut self,
+        py: Python<'_>,
+        mut sock: PyRefMut<'_, IpvsSocket>,
+        owned: Vec<String>,
+        exclude_cidrs: Vec<String>,
+    ) -> PyResult<String> {
+        let mut own = ownership(py, &owned, &exclude_cidrs)?;
+        let changes = std::mem::take(&mut self.pending);
+        let full = self.pending_full || self.reconciler.needs_full();
+        self.pending_full = false;
+        let sock = &mut sock.inner;
+        let reconciler = &mut self.reconciler;
+        let planner = &self.planner;
+        let report = if full {
+            own.addrs.extend(planner.bind_addrs().copied());
+            let desired: Vec<Desired> = planner.desired().cloned().collect();
+            io(py, || reconciler.sync(sock, &desired, &own, true))?
+        } else {
+            io(py, || reconciler.sync_changes(sock, &changes, &own))?
+        };
+        to_json!(py, &report)
+    }
+
+    /// Forget what was planned and programmed: the next sync is full.
+    fn invalidate(&mut self) {
+        self.planner.invalidate();
+        self.reconciler.invalidate();
+        self.pending.clear();
     }
 }
 
@@ -229,6 +319,7 @@ fn ipvs_decode(py: Python<'_>, data: &[u8]) -> PyResult<String> {
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<IpvsSocket>()?;
     m.add_class::<IpvsReconciler>()?;
+    m.add_class::<IpvsProxier>()?;
     m.add_function(wrap_pyfunction!(ipvs_plan, m)?)?;
     m.add_function(wrap_pyfunction!(ipvs_encode, m)?)?;
     m.add_function(wrap_pyfunction!(ipvs_decode, m)?)?;

@@ -13,6 +13,7 @@ use std::net::IpAddr;
 
 use serde::Serialize;
 
+use super::desired::Desired;
 use super::{
     Destination, IpvsError, Kernel, Op, ServiceKey, VirtualServer, IPPROTO_SCTP, IPPROTO_UDP,
 };
@@ -82,7 +83,7 @@ impl Reconciler {
     fn refresh<K: Kernel>(
         &mut self,
         k: &mut K,
-        desired: &BTreeMap<&ServiceKey, &(VirtualServer, Vec<Destination>)>,
+        desired: &BTreeMap<&ServiceKey, &Desired>,
         own: &Ownership,
         report: &mut SyncReport,
     ) -> Result<(), IpvsError> {
@@ -109,13 +110,14 @@ impl Reconciler {
         Ok(())
     }
 
-    /// Program `desired` (virtual server -> real servers). Kernel errors on single
-    /// objects are reported, not raised; the rest of the sync is applied and the next
-    /// sync starts from a fresh dump. Errors of the socket itself are raised.
+    /// Program `desired` (virtual server -> real servers), diffed against everything
+    /// programmed. Kernel errors on single objects are reported, not raised; the rest
+    /// of the sync is applied and the next sync starts from a fresh dump. Errors of
+    /// the socket itself are raised.
     pub fn sync<K: Kernel>(
         &mut self,
         k: &mut K,
-        desired: &[(VirtualServer, Vec<Destination>)],
+        desired: &[Desired],
         own: &Ownership,
         full: bool,
     ) -> Result<SyncReport, IpvsError> {
@@ -123,18 +125,61 @@ impl Reconciler {
             full: full || self.needs_full(),
             ..Default::default()
         };
-        let want: BTreeMap<&ServiceKey, &(VirtualServer, Vec<Destination>)> =
-            desired.iter().map(|e| (&e.0.key, e)).collect();
+        let want: BTreeMap<&ServiceKey, &Desired> = desired.iter().map(|e| (&e.0.key, e)).collect();
         if report.full {
             self.refresh(k, &want, own, &mut report)?;
         }
+        let mut stale: Vec<&ServiceKey> = self
+            .applied
+            .keys()
+            .filter(|k| !want.contains_key(k) && own.owns(k))
+            .collect();
+        stale.sort();
+        let mut changes: Vec<(ServiceKey, Option<&Desired>)> = want
+            .iter()
+            .map(|(key, d)| ((*key).clone(), Some(*d)))
+            .collect();
+        changes.extend(stale.into_iter().map(|key| (key.clone(), None)));
+        self.program(k, &changes, own, report)
+    }
+
+    /// Program only the virtual servers that changed (Some: desired now, None: no
+    /// longer wanted; deleted unless excluded), plus the drained real servers of any
+    /// virtual server: O(change), no dump. Call `sync` instead when `needs_full`.
+    pub fn sync_changes<K: Kernel>(
+        &mut self,
+        k: &mut K,
+        changes: &[(ServiceKey, Option<Desired>)],
+        own: &Ownership,
+    ) -> Result<SyncReport, IpvsError> {
+        let changes: Vec<(ServiceKey, Option<&Desired>)> = changes
+            .iter()
+            .map(|(key, d)| (key.clone(), d.as_ref()))
+            .collect();
+        self.program(k, &changes, own, SyncReport::default())
+    }
+
+    fn program<K: Kernel>(
+        &mut self,
+        k: &mut K,
+        changes: &[(ServiceKey, Option<&Desired>)],
+        own: &Ownership,
+        mut report: SyncReport,
+    ) -> Result<SyncReport, IpvsError> {
         let mut ops: Vec<Op> = Vec::new();
-        let mut check: BTreeSet<ServiceKey> = BTreeSet::new();
-        for (key, (vs, dests)) in &want {
-            let Some(cur) = self.applied.get(*key) else {
+        let mut deleted: HashSet<&ServiceKey> = HashSet::new();
+        for (key, want) in changes {
+            let Some((vs, dests)) = want else {
+                if self.applied.contains_key(key) && !own.excluded(key) {
+                    ops.push(Op::DelService(key.clone()));
+                    deleted.insert(key);
+                }
+                continue;
+            };
+            let Some(cur) = self.applied.get(key) else {
                 ops.push(Op::AddService(vs.clone()));
                 for d in dests {
-                    ops.push(Op::AddDest((*key).clone(), d.clone()));
+                    ops.push(Op::AddDest(key.clone(), d.clone()));
                 }
                 continue;
             };
@@ -144,11 +189,11 @@ impl Reconciler {
             let mut wanted_ids = HashSet::with_capacity(dests.len());
             for d in dests {
                 wanted_ids.insert(d.id());
+                // Wanted again: no longer draining (the edit below restores it).
+                self.terminating.remove(&(key.clone(), d.id()));
                 match cur.dests.get(&d.id()) {
-                    None => ops.push(Op::AddDest((*key).clone(), d.clone())),
-                    Some(c) if !c.same_config(d) => {
-                        ops.push(Op::EditDest((*key).clone(), d.clone()))
-                    }
+                    None => ops.push(Op::AddDest(key.clone(), d.clone())),
+                    Some(c) if !c.same_config(d) => ops.push(Op::EditDest(key.clone(), d.clone())),
                     Some(_) => {}
                 }
             }
@@ -161,39 +206,45 @@ impl Reconciler {
             for c in gone {
                 if !graceful(key.protocol) || c.active_conns + c.inactive_conns == 0 && report.full
                 {
-                    ops.push(Op::DelDest((*key).clone(), c.clone()));
+                    ops.push(Op::DelDest(key.clone(), c.clone()));
                 } else if c.weight != 0 {
                     let mut z = c.clone();
                     z.weight = 0;
-                    ops.push(Op::EditDest((*key).clone(), z));
+                    ops.push(Op::EditDest(key.clone(), z));
                 } else {
-                    check.insert((*key).clone());
+                    self.terminating.insert((key.clone(), c.id()));
                 }
             }
         }
-        let mut stale: Vec<&ServiceKey> = self
-            .applied
-            .keys()
-            .filter(|k| !want.contains_key(k) && own.owns(k))
-            .collect();
-        stale.sort();
-        for key in stale {
-            ops.push(Op::DelService(key.clone()));
-        }
-        // Drained real servers: read fresh counters of only the services that have any.
-        for key in &check {
-            let fresh = k.destinations(key)?;
-            report.dumps += 1;
-            let wanted: HashSet<(IpAddr, u16)> = want
-                .get(key)
-                .map(|e| e.1.iter().map(|d| d.id()).collect())
-                .unwrap_or_default();
-            for d in fresh {
-                if !wanted.contains(&d.id())
-                    && d.weight == 0
-                    && d.active_conns + d.inactive_conns == 0
-                {
-                    ops.push(Op::DelDest(key.clone(), d));
+        // Draining real servers (weight 0) of every virtual server, changed in this
+        // sync or not: one dump of each virtual server that has any, and the drained
+        // ones go. Periodic syncs make this the timed re-check of graceful
+        // termination. A full sync just read fresh counters and deleted them above.
+        if !report.full {
+            let check: BTreeSet<ServiceKey> = self
+                .terminating
+                .iter()
+                .map(|(key, _)| key)
+                .filter(|key| self.applied.contains_key(*key) && !deleted.contains(key))
+                .cloned()
+                .collect();
+            for key in &check {
+                let fresh = match k.destinations(key) {
+                    Ok(f) => f,
+                    Err(e @ IpvsError::Os { .. }) => {
+                        report.errors.push(e.to_string());
+                        continue;
+                    }
+                    Err(e) => return Err(e),
+                };
+                report.dumps += 1;
+                for d in fresh {
+                    if self.terminating.contains(&(key.clone(), d.id()))
+                        && d.weight == 0
+                        && d.active_conns + d.inactive_conns == 0
+                    {
+                        ops.push(Op::DelDest(key.clone(), d));
+                    }
                 }
             }
         }
@@ -548,5 +599,90 @@ mod tests {
         assert!(rep.errors.is_empty(), "{:?}", rep.errors);
         assert_eq!(k.services.len(), 3);
         assert_eq!(k.services[&want[0].0.key].1.len(), 2);
+    }
+
+    #[test]
+    fn changes_only_touch_their_services_and_draining_is_rechecked() {
+        let mut k = FakeKernel::default();
+        let mut r = Reconciler::new();
+        let o = own(&["10.96.0.1", "10.96.0.2"]);
+        let a = (
+            vs("10.96.0.1", 80, IPPROTO_TCP),
+            vec![d("10.1.0.1", 80), d("10.1.0.2", 80)],
+        );
+        let b = (vs("10.96.0.2", 80, IPPROTO_TCP), vec![d("10.1.0.1", 80)]);
+        r.sync(&mut k, &[a.clone(), b.clone()], &o, true).unwrap();
+        // a loses a real server with open connections: weight 0, kept.
+        let mut a2 = a.clone();
+        a2.1.pop();
+        let rep = r
+            .sync_changes(&mut k, &[(a.0.key.clone(), Some(a2.clone()))], &o)
+            .unwrap();
+        assert_eq!((rep.ops, rep.dumps, rep.terminating), (1, 0, 1));
+        let id = ("10.1.0.2".parse().unwrap(), 80);
+        let conns = |k: &mut FakeKernel, n: u32| {
+            k.services
+                .get_mut(&a.0.key)
+                .unwrap()
+                .1
+                .get_mut(&id)
+                .unwrap()
+                .active_conns = n;
+        };
+        conns(&mut k, 3);
+        // A change of b only: a's draining real server is re-checked (one dump), kept.
+        let mut b2 = b.clone();
+        b2.1.push(d("10.1.0.7", 80));
+        let rep = r
+            .sync_changes(&mut k, &[(b.0.key.clone(), Some(b2.clone()))], &o)
+            .unwrap();
+        assert_eq!((rep.ops, rep.dumps), (1, 1));
+        assert_eq!(k.services[&a.0.key].1.len(), 2);
+        // Drained: a sync without any change deletes it.
+        conns(&mut k, 0);
+        let rep = r.sync_changes(&mut k, &[], &o).unwrap();
+        assert_eq!((rep.ops, rep.dumps, rep.terminating), (1, 1, 0));
+        assert_eq!(k.services[&a.0.key].1.len(), 1);
+        // Nothing draining: a sync without changes costs nothing.
+        let rep = r.sync_changes(&mut k, &[], &o).unwrap();
+        assert_eq!((rep.ops, rep.dumps), (0, 0));
+        // A removed virtual server goes; an excluded one stays.
+        let o2 = Ownership {
+            addrs: o.addrs.clone(),
+            exclude: vec![Cidr::parse("10.96.0.2/32").unwrap()],
+        };
+        let rep = r
+            .sync_changes(
+                &mut k,
+                &[(a.0.key.clone(), None), (b.0.key.clone(), None)],
+                &o2,
+            )
+            .unwrap();
+        assert_eq!(rep.ops, 1);
+        let left: Vec<String> = k.services.keys().map(|k| k.addr.to_string()).collect();
+        assert_eq!(left, vec!["10.96.0.2"]);
+    }
+
+    #[test]
+    fn a_draining_real_server_wanted_again_is_restored_not_deleted() {
+        let mut k = FakeKernel::default();
+        let mut r = Reconciler::new();
+        let o = own(&["10.96.0.1"]);
+        let a = (
+            vs("10.96.0.1", 80, IPPROTO_TCP),
+            vec![d("10.1.0.1", 80), d("10.1.0.2", 80)],
+        );
+        r.sync(&mut k, std::slice::from_ref(&a), &o, true).unwrap();
+        let mut a2 = a.clone();
+        a2.1.pop();
+        r.sync_changes(&mut k, &[(a.0.key.clone(), Some(a2))], &o)
+            .unwrap();
+        let rep = r
+            .sync_changes(&mut k, &[(a.0.key.clone(), Some(a.clone()))], &o)
+            .unwrap();
+        assert_eq!((rep.ops, rep.terminating), (1, 0));
+        let dests = &k.services[&a.0.key].1;
+        assert_eq!(dests.len(), 2);
+        assert!(dests.values().all(|d| d.weight == 1));
     }
 }

@@ -418,8 +418,9 @@ pub struct NftablesRenderer {
     ids: HashMap<ServicePortName, u32, FnvBuild>,
     next_id: u32,
     totals: Totals,
-    /// Model generation last rendered, and this family's service ports, per Service.
-    svc_gens: HashMap<String, u64, FnvBuild>,
+    /// The model's change-log position last rendered (see `Model::changed_since`), and
+    /// this family's service ports per Service.
+    seen_generation: u64,
     svc_ports: HashMap<String, Vec<ServicePortName>, FnvBuild>,
     needs_full: bool,
 }
@@ -443,7 +444,7 @@ impl NftablesRenderer {
             ids: HashMap::default(),
             next_id: 0,
             totals: Totals::default(),
-            svc_gens: HashMap::default(),
+            seen_generation: 0,
             svc_ports: HashMap::default(),
             needs_full: true,
         })
@@ -461,7 +462,7 @@ impl NftablesRenderer {
         self.elements.clear();
         self.ids.clear();
         self.totals = Totals::default();
-        self.svc_gens.clear();
+        self.seen_generation = 0;
         self.svc_ports.clear();
         self.needs_full = true;
         Ok(())
@@ -945,54 +946,45 @@ impl NftablesRenderer {
         let t = format!("{} {TABLE}", self.res.fam);
         let mut out = RenderOutput::default();
 
-        // Pass 1: which service ports changed. The model bumps a Service's generation
-        // on every change of it or its slices; this pass compares one number per
-        // Service (FNV-hashed key, no allocation) and runs on every sync.
+        // Pass 1: which service ports changed. The model's change log names the
+        // Services changed (or deleted) since the last render, so a sync costs what
+        // changed, not the number of Services.
         let mut dirty: Vec<ServicePort> = Vec::new();
         let mut removed: Vec<ServicePortName> = Vec::new();
-        let mut services = 0;
-        let (mut known, mut newly) = (0usize, 0usize);
-        for svc in model.services() {
-            services += 1;
-            let generation = model.generation(&svc.key);
-            match self.svc_gens.get_mut(svc.key.as_str()) {
-                Some(g) => {
-                    known += 1;
-                    if *g == generation {
-                        continue;
-                    }
-                    *g = generation;
-                }
-                None => {
-                    newly += 1;
-                    self.svc_gens.insert(svc.key.clone(), generation);
-                }
-            }
-            let old_ports = self.svc_ports.remove(&svc.key).unwrap_or_default();
-            let mut new_ports = Vec::with_capacity(svc.ports.len());
-            for sp in &svc.ports {
-                if sp.cluster_ip(family).is_none() {
-                    continue;
-                }
-                new_ports.push(sp.name.clone());
-                dirty.push(sp.clone());
-            }
-            removed.extend(old_ports.into_iter().filter(|p| !new_ports.contains(p)));
-            self.svc_ports.insert(svc.key.clone(), new_ports);
-        }
-        // Some known Service is gone from the model: find which (only then is a set built).
-        if known + newly < self.svc_gens.len() {
-            let live: std::collections::HashSet<&str> =
-                model.services().map(|s| s.key.as_str()).collect();
+        let services = model.service_count();
+        if model.current_generation() < self.seen_generation {
+            // A renderer follows one model; a younger one (a new Model) starts over.
+            self.seen_generation = 0;
             let gone: Vec<String> = self
-                .svc_gens
+                .svc_ports
                 .keys()
-                .filter(|k| !live.contains(k.as_str()))
+                .filter(|k| model.service(k).is_none())
                 .cloned()
                 .collect();
             for k in gone {
-                self.svc_gens.remove(&k);
                 removed.extend(self.svc_ports.remove(&k).unwrap_or_default());
+            }
+        }
+        let changed: Vec<String> = model
+            .changed_since(self.seen_generation)
+            .map(str::to_string)
+            .collect();
+        self.seen_generation = model.current_generation();
+        for key in &changed {
+            let old_ports = self.svc_ports.remove(key).unwrap_or_default();
+            let mut new_ports = Vec::new();
+            if let Some(svc) = model.service(key) {
+                for sp in &svc.ports {
+                    if sp.cluster_ip(family).is_none() {
+                        continue;
+                    }
+                    new_ports.push(sp.name.clone());
+                    dirty.push(sp.clone());
+                }
+            }
+            removed.extend(old_ports.into_iter().filter(|p| !new_ports.contains(p)));
+            if !new_ports.is_empty() {
+                self.svc_ports.insert(key.clone(), new_ports);
             }
         }
 

@@ -407,3 +407,43 @@ fn cleanup_deletes_both_tables() {
     let t = render_cleanup();
     assert!(t.contains("delete table ip kube-proxy") && t.contains("delete table ip6 kube-proxy"));
 }
+
+#[test]
+fn partial_render_visits_only_changed_services() {
+    let mut m = model(200, 2);
+    let mut r = NftablesRenderer::new(cfg()).unwrap();
+    r.render(&m, true);
+    r.commit();
+    set_slice(&mut m, 7, 2, 1);
+    m.set_service("ns/s9", None).unwrap();
+    let out = r.render(&m, false);
+    r.commit();
+    assert_eq!(out.stats.rendered_service_ports, 1, "{}", out.text);
+    assert_eq!(out.stats.services, 199);
+    assert_eq!(out.stats.service_ports, 199);
+    let gone = service_chains(&spn(&model(10, 2), 9)).cluster;
+    assert!(out
+        .text
+        .contains(&format!("delete chain ip kube-proxy {gone}")));
+}
+
+#[test]
+fn a_new_model_is_rendered_from_scratch() {
+    // A renderer follows one model; handed a younger one, it must not trust its position
+    // in the old one's change log: Services missing from the new model are removed.
+    let mut m = model(5, 2);
+    for round in 0..3 {
+        set_slice(&mut m, 1, 2, round); // push the old model's generation well ahead
+    }
+    let mut r = NftablesRenderer::new(cfg()).unwrap();
+    r.render(&m, true);
+    r.commit();
+    let fresh = model(2, 2);
+    let out = r.render(&fresh, false);
+    r.commit();
+    assert_eq!(out.stats.service_ports, 2, "{}", out.text);
+    let gone = service_chains(&spn(&m, 4)).cluster;
+    assert!(out
+        .text
+        .contains(&format!("delete chain ip kube-proxy {gone}")));
+}

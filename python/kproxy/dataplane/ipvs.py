@@ -11,6 +11,7 @@ import errno
 import ipaddress
 import json
 import logging
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -63,6 +64,8 @@ IPSETS: dict[str, str] = {
     "KUBE-IPVS-IPS": "hash:ip",
 }
 
+IPSET_NAME_MAX = 31
+
 NAT_CHAINS = ("KUBE-SERVICES", "KUBE-POSTROUTING", "KUBE-NODE-PORT", "KUBE-LOAD-BALANCER")
 FILTER_CHAINS = (
     "KUBE-FORWARD",
@@ -111,10 +114,18 @@ def _ipset(text: str) -> None:
         raise SyncError(f"ipset restore failed: {proc.stderr.strip()}")
 
 
-def _create_line(name: str, kind: str) -> str:
+def ipset_name(name: str, family: int) -> str:
+    """Upstream's IPv6 sets are "KUBE-6-..." cut to ipset's 31 characters."""
+    if family == 4:
+        return name
+    return ("KUBE-6-" + name.removeprefix("KUBE-"))[:IPSET_NAME_MAX]
+
+
+def _create_line(name: str, kind: str, family: int) -> str:
     if kind == "bitmap:port":
         return f"create {name} bitmap:port range 0-65535 -exist"
-    return f"create {name} {kind} family inet hashsize 1024 maxelem 65536 -exist"
+    inet = "inet" if family == 4 else "inet6"
+    return f"create {name} {kind} family {inet} hashsize 1024 maxelem 65536 -exist"
 
 
 class IpvsBackend:
@@ -123,8 +134,7 @@ class IpvsBackend:
     def __init__(self, cfg: Any, node: NodeInfo, families: tuple[int, ...] = (4,)) -> None:
         self.cfg = cfg
         self.node = node
-        # IPv4 first: ipsets and the companion rules are IPv4 here (see README).
-        self.families = tuple(f for f in families if f == 4) or (4,)
+        self.families: tuple[int, ...] = tuple(f for f in (4, 6) if f in families) or (4,)
         try:
             self.sock = _core.IpvsSocket()
         except FileNotFoundError as e:
@@ -134,10 +144,11 @@ class IpvsBackend:
         self._nodeports: dict[int, list[str]] | None = None
         self._health_checks: dict[int, tuple[str, int]] = {}
         self.backend = detect_backend()
-        self.tools = Tools(4, self.backend)
+        self.tools = {f: Tools(f, self.backend) for f in self.families}
         #: False until the first ipset restore (then only changes are written)
         self._ipsets_loaded = False
-        self._rules: str | None = None
+        #: family -> the companion rules last applied
+        self._rules: dict[int, str] = {}
         for k, v in SYSCTLS.items():
             _sysctl(k, v)
         if cfg.ipvs_strict_arp:
@@ -198,7 +209,7 @@ class IpvsBackend:
             for p in self.proxiers.values():
                 p.invalidate()
             self._ipsets_loaded = False
-            self._rules = None
+            self._rules = {}
             raise
 
     def _sync(self, model: _core.Model, full: bool) -> SyncResult:
@@ -238,8 +249,9 @@ class IpvsBackend:
         entries = [e for d in deltas.values() for e in d["conntrack"]]
         if entries:
             conntrack.clear(entries)
-        ipsets_changed = self.sync_ipsets(deltas[self.families[0]], full)
-        self.sync_rules(full)
+        ipsets_changed = self.sync_ipsets(deltas, full)
+        for f in self.families:
+            self.sync_rules(f, full)
         result.changed = (
             any(r["ops"] > 0 for r in reports) or bool(bind_add or bind_del) or ipsets_changed
         )
@@ -273,9 +285,15 @@ class IpvsBackend:
                 idx = ipr.link_lookup(ifname=IPVS_INTERFACE)
                 log.info("created %s", IPVS_INTERFACE)
             index = idx[0]
+            if 6 in self.families:
+                self._ipv6_up(ipr, index)
             have: set[str] = set()
             if full:
-                have = {str(a.get_attr("IFA_ADDRESS")) for a in ipr.get_addr(index=index)}
+                have = {
+                    str(a.get_attr("IFA_ADDRESS"))
+                    for a in ipr.get_addr(index=index)
+                    if not ipaddress.ip_address(a.get_attr("IFA_ADDRESS")).is_link_local
+                }
                 remove = sorted(have - set(add))
                 add = sorted(set(add) - have)
             for ip in add:
@@ -291,26 +309,42 @@ class IpvsBackend:
                     log.debug("unbind %s: %s", ip, e)
         return sorted(have | set(remove))
 
-    def sync_ipsets(self, delta: dict[str, Any], full: bool) -> bool:
-        """One ``ipset restore``: on a full sync (or the first) every set is created
-        and refilled; otherwise only the members the plan added or removed are
-        written. True when something was written."""
+    @staticmethod
+    def _ipv6_up(ipr: Any, index: int) -> None:
+        """IPv6 service addresses stay tentative (no local route, so no IPVS) on a
+        link that is down: kube-ipvs0 is brought up for IPv6, without a link-local
+        address (addr_gen_mode none), which it does not need."""
+        link = ipr.get_links(index)[0]
+        if link["flags"] & 1:  # IFF_UP
+            return
+        gen_mode = SYSCTL / "net/ipv6/conf" / IPVS_INTERFACE / "addr_gen_mode"
+        if gen_mode.exists():
+            gen_mode.write_text("1")
+        ipr.link("set", index=index, state="up")
+
+    def sync_ipsets(self, deltas: dict[int, dict[str, Any]], full: bool) -> bool:
+        """One ``ipset restore`` for all families: on a full sync (or the first) every
+        set is created and refilled; otherwise only the members the plans added or
+        removed are written. True when something was written."""
         lines: list[str] = []
-        if full or not self._ipsets_loaded:
-            lines = [_create_line(n, k) for n, k in IPSETS.items()]
-            for name in IPSETS:
-                lines.append(f"flush {name}")
-                lines.extend(f"add {name} {m} -exist" for m in delta["ipset_add"].get(name, ()))
-        else:
-            for name in IPSETS:
-                lines.extend(f"del {name} {m} -exist" for m in delta["ipset_del"].get(name, ()))
+        refill = full or not self._ipsets_loaded
+        for family, delta in deltas.items():
+            for base, kind in IPSETS.items():
+                name = ipset_name(base, family)
+                if refill:
+                    lines.append(_create_line(name, kind, family))
+                    lines.append(f"flush {name}")
+                else:
+                    lines.extend(f"del {name} {m} -exist" for m in delta["ipset_del"].get(name, ()))
                 lines.extend(f"add {name} {m} -exist" for m in delta["ipset_add"].get(name, ()))
         if lines:
             _ipset("\n".join(lines) + "\n")
         self._ipsets_loaded = True
         return bool(lines)
 
-    def render_rules(self) -> dict[str, list[str]]:
+    def render_rules(self, family: int = 4) -> dict[str, list[str]]:
+        """The companion chains of one family (for IPv6: ip6tables, matching the
+        KUBE-6-* sets)."""
         cfg = self.cfg
         mark = 1 << cfg.iptables_masquerade_bit
         m = f"{mark:#x}/{mark:#x}"
@@ -330,7 +364,7 @@ class IpvsBackend:
             nat.append(f"-A KUBE-SERVICES {cluster} -j KUBE-MARK-MASQ")
         else:
             for cidr in cfg.cluster_cidrs:
-                if ipaddress.ip_network(cidr, strict=False).version == 4:
+                if ipaddress.ip_network(cidr, strict=False).version == family:
                     nat.append(f"-A KUBE-SERVICES {cluster} ! -s {cidr} -j KUBE-MARK-MASQ")
         nat += [
             "-A KUBE-SERVICES -m set --match-set KUBE-EXTERNAL-IP dst,dst "
@@ -377,16 +411,19 @@ class IpvsBackend:
             "-A KUBE-IPVS-FILTER -m conntrack --ctstate NEW "
             "-m set --match-set KUBE-IPVS-IPS dst -j REJECT",
         ]
+        if family == 6:
+            nat, flt = _v6_sets(nat), _v6_sets(flt)
         return {"nat": nat, "filter": flt}
 
-    def sync_rules(self, full: bool) -> None:
-        """One iptables-restore of our chains, when they changed (or on a full sync),
-        plus the jumps from the built-in chains that are missing."""
-        rules = self.render_rules()
+    def sync_rules(self, family: int, full: bool) -> None:
+        """One iptables-restore (ip6tables for IPv6) of our chains, when they changed
+        (or on a full sync), plus the jumps from the built-in chains that are missing."""
+        rules = self.render_rules(family)
         key = json.dumps(rules)
-        if not full and key == self._rules:
+        if not full and key == self._rules.get(family):
             return
-        saved = run_save(self.tools)
+        tools = self.tools[family]
+        saved = run_save(tools)
         text = ""
         for table, lines in rules.items():
             jumps = [
@@ -396,11 +433,11 @@ class IpvsBackend:
             ]
             text += f"*{table}\n" + "\n".join([*lines, *jumps]) + "\nCOMMIT\n"
         try:
-            run_restore(self.tools, text)
+            run_restore(tools, text)
         except SyncError:
-            self._rules = None
+            self._rules.pop(family, None)
             raise
-        self._rules = key
+        self._rules[family] = key
 
     # -- cleanup -----------------------------------------------------------------------
 
@@ -445,11 +482,22 @@ class IpvsBackend:
                     log.debug("skip ipvs rule cleanup on %s/%s: %s", backend, family, e)
         if shutil.which("ipset"):
             for name in IPSETS:
-                subprocess.run(
-                    ["ipset", "destroy", name], capture_output=True, timeout=60, check=False
-                )
+                for family in (4, 6):
+                    subprocess.run(
+                        ["ipset", "destroy", ipset_name(name, family)],
+                        capture_output=True,
+                        timeout=60,
+                        check=False,
+                    )
         failed |= leftovers.remove_ipvs_interface()
         return failed
+
+
+def _v6_sets(lines: list[str]) -> list[str]:
+    return [
+        re.sub(r"--match-set (KUBE-[A-Z0-9-]+)", lambda m: "--match-set " + ipset_name(m[1], 6), x)
+        for x in lines
+    ]
 
 
 def _interface_addresses() -> set[str]:
@@ -469,7 +517,8 @@ def _ipset_ports() -> set[tuple[int, int]]:
     if shutil.which("ipset") is None:
         return out
     for proto, num in (("TCP", 6), ("UDP", 17)):
-        for name in (f"KUBE-NODE-PORT-{proto}", f"KUBE-NODE-PORT-LOCAL-{proto}"):
+        bases = (f"KUBE-NODE-PORT-{proto}", f"KUBE-NODE-PORT-LOCAL-{proto}")
+        for name in (ipset_name(b, f) for b in bases for f in (4, 6)):
             p = subprocess.run(
                 ["ipset", "save", name], capture_output=True, text=True, timeout=60, check=False
             )

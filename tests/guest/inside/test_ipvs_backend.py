@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -211,6 +212,94 @@ def test_cleanup_removes_kproxys_state_only(backend: IpvsBackend) -> None:
     assert IPVS_INTERFACE not in links
     sets = set(run("ipset", "list", "-n").split())
     assert not sets & set(IPSETS), sets
-    saved = run_save(backend.tools)
+    saved = run_save(backend.tools[4])
     for chain in (*NAT_CHAINS, *FILTER_CHAINS):
         assert f":{chain} " not in saved, saved
+
+
+SERVER_NS = "kpsrv"
+V6_SERVER = "fd00:1::2"
+V6_CLUSTER_IP = "fd00:96::10"
+SERVER = r"""
+import socket, sys
+s = socket.socket(socket.AF_INET6)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind((sys.argv[1], 8080))
+s.listen(8)
+print("ready", flush=True)
+for _ in range(8):
+    c, peer = s.accept()
+    c.sendall(f"hello {peer[0]}".encode())
+    c.close()
+"""
+
+
+@pytest.fixture
+def v6_server() -> Iterator[None]:
+    """A TCP server on [fd00:1::2]:8080 in its own namespace, reached over a veth."""
+    subprocess.run(["ip", "netns", "del", SERVER_NS], capture_output=True, check=False)
+    run("ip", "netns", "add", SERVER_NS)
+    proc = None
+    try:
+        run("ip", "link", "add", "kpv0", "type", "veth", "peer", "name", "kpv1")
+        run("ip", "link", "set", "kpv1", "netns", SERVER_NS)
+        run("ip", "addr", "add", "fd00:1::1/64", "dev", "kpv0", "nodad")
+        run("ip", "link", "set", "kpv0", "up")
+        ns = ("ip", "netns", "exec", SERVER_NS)
+        run(*ns, "ip", "addr", "add", f"{V6_SERVER}/64", "dev", "kpv1", "nodad")
+        run(*ns, "ip", "link", "set", "kpv1", "up")
+        run(*ns, "ip", "link", "set", "lo", "up")
+        proc = subprocess.Popen(
+            [*ns, sys.executable, "-c", SERVER, V6_SERVER], stdout=subprocess.PIPE, text=True
+        )
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+        yield
+    finally:
+        if proc is not None:
+            proc.kill()
+            proc.wait(timeout=30)
+        subprocess.run(["ip", "link", "del", "kpv0"], capture_output=True, check=False)
+        subprocess.run(["ip", "netns", "del", SERVER_NS], capture_output=True, check=False)
+
+
+def test_dual_stack_service_over_ipv6(backend: IpvsBackend, v6_server: None) -> None:
+    """A dual-stack ClusterIP Service: the IPv6 virtual server, the KUBE-6-* sets
+    and the ip6tables companion chains are programmed, and a real IPv6 connection
+    to the ClusterIP reaches the endpoint through IPVS, masqueraded by ip6tables."""
+    # masquerade-all: the server has no route back to the ClusterIP (the source
+    # the node picks), so the reply only comes back through the ip6tables MASQUERADE.
+    b = IpvsBackend(dataclasses.replace(backend.cfg, masquerade_all=True), backend.node, (4, 6))
+    svc = json.loads(service(40))
+    svc["spec"]["clusterIPs"] = [cluster_ip(40), V6_CLUSTER_IP]
+    svc["spec"]["ipFamilies"] = ["IPv4", "IPv6"]
+    svc["spec"]["ipFamilyPolicy"] = "RequireDualStack"
+    v6_slice = json.loads(endpoint_slice(40, [V6_SERVER]))
+    v6_slice["metadata"]["name"] = "s40-v6"
+    v6_slice["addressType"] = "IPv6"
+    m = _core.Model()
+    m.set_service("t/s40", json.dumps(svc))
+    m.set_endpoint_slice("t/s40-x", endpoint_slice(40, ["10.244.40.1"]))
+    m.set_endpoint_slice("t/s40-v6", json.dumps(v6_slice))
+    r = b.sync(m, True)
+    assert r.full
+    out = ipvsadm()
+    assert f"TCP  [{V6_CLUSTER_IP}]:80 rr" in out, out
+    assert real_server(out, f"[{V6_SERVER}]:8080") == 1, out
+    assert real_server(out, "10.244.40.1:8080") == 1, out
+    assert ipset_members("KUBE-6-CLUSTER-IP") == {f"{V6_CLUSTER_IP},tcp:80"}
+    assert ipset_members("KUBE-6-IPVS-IPS") == {V6_CLUSTER_IP}
+    assert ipset_members("KUBE-CLUSTER-IP") == {f"{cluster_ip(40)},tcp:80"}
+    saved6 = run_save(b.tools[6])
+    assert "--match-set KUBE-6-IPVS-IPS dst -j REJECT" in saved6, saved6
+    assert "-j KUBE-IPVS-FILTER" in saved6, saved6
+    with socket.create_connection((V6_CLUSTER_IP, 80), timeout=10) as c:
+        c.settimeout(10)
+        assert c.recv(100).decode().startswith("hello fd00:1::1")
+    # The IPv6 endpoint goes: a partial sync of the IPv6 side only.
+    m.set_endpoint_slice("t/s40-v6", None)
+    r = b.sync(m, False)
+    assert not r.full and r.stats["ipvs"]["ops"] == 1, r.stats
+    assert real_server(ipvsadm(), f"[{V6_SERVER}]:8080") == 0  # draining
+    assert IpvsBackend.cleanup_static() is False
+    assert "fd00:96::10" not in ipvsadm()
+    assert "KUBE-6-CLUSTER-IP" not in run("ipset", "list", "-n")

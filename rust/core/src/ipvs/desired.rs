@@ -70,6 +70,9 @@ pub fn parse_scheduler(spec: &str) -> Result<(String, u32)> {
     Ok((name.to_string(), bits))
 }
 
+/// ipset's limit on set names (IPSET_MAXNAMELEN - 1).
+pub const IPSET_NAME_MAX: usize = 31;
+
 pub fn ipproto(p: Protocol) -> u16 {
     match p {
         Protocol::Tcp => IPPROTO_TCP,
@@ -102,7 +105,12 @@ impl Plan {
     fn set(&mut self, family: Family, name: &str, member: String) {
         let name = match family {
             Family::V4 => name.to_string(),
-            Family::V6 => name.replacen("KUBE-", "KUBE-6-", 1),
+            Family::V6 => {
+                // As upstream: "KUBE-6-...", cut to ipset's 31 characters.
+                let mut n = name.replacen("KUBE-", "KUBE-6-", 1);
+                n.truncate(IPSET_NAME_MAX);
+                n
+            }
         };
         self.ipsets.entry(name).or_default().insert(member);
     }
@@ -762,6 +770,23 @@ mod tests {
             .services
             .iter()
             .all(|(_, v)| v.as_ref().unwrap().0.scheduler == "wrr"));
+    }
+
+    #[test]
+    fn ipv6_set_names_as_upstream() {
+        let mut p = Plan::default();
+        p.set(Family::V6, "KUBE-CLUSTER-IP", "x".into());
+        p.set(Family::V6, "KUBE-LOAD-BALANCER-SOURCE-CIDR", "y".into());
+        p.set(Family::V6, "KUBE-NODE-PORT-LOCAL-SCTP-HASH", "z".into());
+        let names: Vec<&str> = p.ipsets.keys().map(String::as_str).collect();
+        assert_eq!(
+            names,
+            [
+                "KUBE-6-CLUSTER-IP",
+                "KUBE-6-LOAD-BALANCER-SOURCE-CID",
+                "KUBE-6-NODE-PORT-LOCAL-SCTP-HAS"
+            ]
+        );
     }
 
     #[test]

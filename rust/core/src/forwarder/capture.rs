@@ -252,6 +252,12 @@ pub fn render(
             "fib daddr type local meta nfproto {nfproto} meta l4proto udp redirect to : udp dport map @udp_nodeports{suffix}"
         ));
     }
+    // Every filter rule matches only a connection's first packet: the rest of the
+    // traffic (most packets) leaves after one conntrack state check, before any set or
+    // fib lookup.
+    for rules in [&mut filter_pre, &mut filter_out] {
+        rules.insert(0, "ct state != new accept".to_string());
+    }
     let chain =
         |out: &mut String, name: &str, hook: &str, ty: &str, prio: i32, rules: &[String]| {
             let _ = writeln!(
@@ -362,6 +368,11 @@ mod tests {
         assert!(text.contains("redirect to :40000"));
         // ETP Local without a local endpoint: off-cluster clients of the NodePort drop.
         assert!(text.contains("tcp dport 30080 fib saddr type != local ip saddr != { 10.244.0.0/16 } ct state new drop"), "{text}");
+        for chain in ["filter-prerouting", "filter-output"] {
+            let body = &text[text.find(&format!("chain {chain} ")).unwrap()..];
+            let first = body.lines().nth(2).unwrap().trim();
+            assert_eq!(first, "ct state != new accept", "{chain}: {text}");
+        }
         assert!(render_cleanup().contains("delete table inet kproxy-userspace"));
     }
 }

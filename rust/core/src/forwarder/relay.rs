@@ -1,7 +1,7 @@
 //! Moving bytes between the client and the endpoint of one TCP connection.
 //!
 //! Each direction splices socket -> pipe -> socket inside the kernel (no copy to user
-//! space). At most one pipe's worth (256 KiB) is in flight per direction, so a slow
+//! space). At most one pipe's worth (1 MiB) is in flight per direction, so a slow
 //! reader stops the other side by TCP flow control instead of growing a buffer. The pipe
 //! goes back to a shared pool whenever the direction is drained, so idle connections
 //! hold no pipe. Where splice is refused (EINVAL, e.g. a socket type without
@@ -13,7 +13,7 @@
 
 use std::io;
 use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering::Relaxed};
 
 use tokio::io::Interest;
 use tokio::net::TcpStream;
@@ -33,7 +33,9 @@ pub enum Ended {
 }
 
 /// Relay until both directions end. `up`/`down` count client->endpoint and
-/// endpoint->client bytes as they move.
+/// endpoint->client bytes as they move. The caller closes both sockets when it
+/// returns: the direction that ends last leaves its FIN to that close (one
+/// shutdown(2) less per connection).
 pub async fn relay(
     client: &TcpStream,
     endpoint: &TcpStream,
@@ -43,8 +45,9 @@ pub async fn relay(
     down: &AtomicU64,
 ) -> (Ended, bool) {
     let mut spliced = use_splice;
-    let f1 = direction(client, endpoint, pool, use_splice, up);
-    let f2 = direction(endpoint, client, pool, use_splice, down);
+    let ended = AtomicU8::new(0);
+    let f1 = direction(client, endpoint, pool, use_splice, up, &ended);
+    let f2 = direction(endpoint, client, pool, use_splice, down, &ended);
     tokio::pin!(f1, f2);
     let (mut done1, mut done2) = (false, false);
     while !(done1 && done2) {
@@ -72,59 +75,102 @@ async fn direction(
     pool: &PipePool,
     use_splice: bool,
     count: &AtomicU64,
+    ended: &AtomicU8,
 ) -> io::Result<bool> {
+    let mut spliced = false;
     if use_splice {
         match splice_direction(src, dst, pool, count).await {
             Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {}
-            other => return other.map(|_| true),
+            Err(e) => return Err(e),
+            Ok(()) => spliced = true,
         }
     }
-    copy_direction(src, dst, count).await.map(|_| false)
+    if !spliced {
+        copy_direction(src, dst, count).await?;
+    }
+    half_close(dst, ended);
+    Ok(spliced)
 }
 
+/// End of file from `dst`'s peer: send FIN to `dst`, unless the other direction has
+/// ended too, when both sockets are about to be closed (which sends the FIN anyway).
+fn half_close(dst: &TcpStream, ended: &AtomicU8) {
+    if ended.fetch_add(1, Relaxed) == 0 {
+        sys::shutdown_write(dst.as_raw_fd());
+    }
+}
+
+/// Keeps the pipe while bytes flow: reads into it while it has room, writes out of it
+/// while the destination takes bytes, and waits only when neither moves (so reading
+/// the next burst overlaps a destination that is still draining the last one). An
+/// empty pipe goes back to the pool before waiting for the source.
 async fn splice_direction(
     src: &TcpStream,
     dst: &TcpStream,
     pool: &PipePool,
     count: &AtomicU64,
 ) -> io::Result<()> {
+    let chunk = CHUNK;
     let (sfd, dfd) = (src.as_raw_fd(), dst.as_raw_fd());
+    let mut pipe: Option<sys::Pipe> = None;
+    let mut held = 0usize;
+    let mut eof = false;
     loop {
-        src.readable().await?;
-        let pipe = pool.get()?;
-        let n = match src.try_io(Interest::READABLE, || {
-            sys::splice(sfd, pipe.w.as_raw_fd(), CHUNK)
-        }) {
-            Ok(0) => {
-                pool.put(pipe);
-                sys::shutdown_write(dfd);
-                return Ok(());
+        let mut moved = false;
+        if !eof && held < chunk {
+            if held == 0 {
+                src.readable().await?;
             }
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                pool.put(pipe);
-                continue;
-            }
-            Err(e) => {
-                pool.put(pipe);
-                return Err(e);
-            }
-        };
-        let mut left = n;
-        while left > 0 {
-            match dst.try_io(Interest::WRITABLE, || {
-                sys::splice(pipe.r.as_raw_fd(), dfd, left)
-            }) {
-                Ok(m) => {
-                    left -= m;
-                    count.fetch_add(m as u64, Relaxed);
+            let p = match &pipe {
+                Some(p) => p,
+                None => pipe.insert(pool.get()?),
+            };
+            let w = p.w.as_raw_fd();
+            // With bytes already in the pipe, EAGAIN may mean a full pipe, not an
+            // empty socket: the socket's readiness is only cleared on an empty pipe.
+            let r = if held == 0 {
+                src.try_io(Interest::READABLE, || sys::splice(sfd, w, chunk))
+            } else {
+                sys::splice(sfd, w, chunk - held)
+            };
+            match r {
+                Ok(0) => eof = true,
+                Ok(n) => {
+                    held += n;
+                    moved = true;
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => dst.writable().await?,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => return Err(e),
+            }
+        }
+        if held > 0 {
+            let r = pipe.as_ref().map(|p| p.r.as_raw_fd()).unwrap_or(-1);
+            match dst.try_io(Interest::WRITABLE, || sys::splice(r, dfd, held)) {
+                Ok(m) => {
+                    held -= m;
+                    count.fetch_add(m as u64, Relaxed);
+                    moved = true;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                 // The pipe still holds bytes: dropped (closed), not returned.
                 Err(e) => return Err(e),
             }
         }
-        pool.put(pipe);
+        if held == 0 {
+            if eof {
+                if let Some(p) = pipe.take() {
+                    pool.put(p);
+                }
+                return Ok(());
+            }
+            if !moved {
+                if let Some(p) = pipe.take() {
+                    pool.put(p);
+                }
+            }
+        } else if !moved {
+            dst.writable().await?;
+        }
     }
 }
 
@@ -137,10 +183,7 @@ async fn copy_direction(src: &TcpStream, dst: &TcpStream, count: &AtomicU64) -> 
             buf = vec![0u8; COPY_BUFFER];
         }
         let n = match src.try_read(&mut buf) {
-            Ok(0) => {
-                sys::shutdown_write(dst.as_raw_fd());
-                return Ok(());
-            }
+            Ok(0) => return Ok(()),
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
             Err(e) => return Err(e),
@@ -184,7 +227,11 @@ mod tests {
         let (up, down) = (AtomicU64::new(0), AtomicU64::new(0));
         let big = data(3 * 1024 * 1024 + 17);
         let big2 = big.clone();
-        let relay_f = relay(&a, &b, &pool, use_splice, &up, &down);
+        let relay_f = async {
+            let r = relay(&a, &b, &pool, use_splice, &up, &down).await;
+            drop((a, b)); // as handle_tcp does
+            r
+        };
         let client_f = async {
             client.write_all(&big2).await.unwrap();
             client.shutdown().await.unwrap(); // half-close: the reply must still come

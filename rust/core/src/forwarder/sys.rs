@@ -119,7 +119,7 @@ pub fn raise_nofile(want: u64) -> u64 {
 }
 
 /// Bytes a pipe holds: at most this much is in flight per direction of a connection.
-pub const PIPE_SIZE: usize = 256 * 1024;
+pub const PIPE_SIZE: usize = 1024 * 1024;
 
 /// One pipe for splice(2): bytes move socket -> pipe -> socket inside the kernel.
 pub struct Pipe {

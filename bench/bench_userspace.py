@@ -218,8 +218,14 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="kpu-bench-") as tmp, netns.fresh():
         d = Path(tmp)
         try:
+            # The ClusterIPs need a route; the capture redirects them to loopback. The
+            # route gets a loopback-sized MTU (as the direct and peer paths have), or a
+            # connection to a VIP would be held to 1460-byte segments (MSS from the
+            # route at connect time) while every other path gets 64 KiB ones.
             for cmd in (
                 "link add d0 type veth peer name d1",
+                "link set d0 mtu 65535",
+                "link set d1 mtu 65535",
                 "link set d1 up",
                 "link set d0 up",
                 "addr add 10.255.0.1/24 dev d0",

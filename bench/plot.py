@@ -598,9 +598,15 @@ def update_readme(readme: Path, doc: dict[str, Any], charts: Iterable[Path]) -> 
         f"{START}\n"
         f"Measured {doc.get('updated', '?')[:10]}, kernel {h.get('kernel', '?')}, "
         f"{h.get('cores', '?')} cores, kproxy {h.get('git_commit', '?')} "
-        "(machine shared with other jobs: read ratios, not absolute times). Parts whose "
-        "status in `bench/results/suite.json` is `imported` come from their own last run "
-        "of the same module (`python -m bench collect`).\n\n"
+        "(read ratios, not absolute times: client, proxy, server and tools share the "
+        "cores)."
+        + (
+            " Parts whose status in `bench/results/suite.json` is `imported` come from "
+            "their own last run of the same module (`python -m bench collect`)."
+            if any(e.get("status") == "imported" for e in doc.get("parts", {}).values())
+            else " Every part was run by the suite; each mode section above names its run."
+        )
+        + "\n\n"
         f"{headline_markdown(doc)}\n{images}\n{END}"
     )
     head, rest = text.split(START, 1)

@@ -221,8 +221,10 @@ def headline_markdown(doc: dict[str, Any]) -> str:
 
 
 def cell(c: dict[str, Any], key: str, kind: str) -> str:
-    """One table cell from a results row; "-" when the row lacks the number."""
+    """One table cell from a results row; "-" when the row lacks the value."""
     v = c.get(key)
+    if kind == "str":
+        return "-" if v is None else str(v)
     if not isinstance(v, int | float):
         return "-"
     return {
@@ -235,26 +237,39 @@ def cell(c: dict[str, Any], key: str, kind: str) -> str:
     }[kind](v)
 
 
-def _ipvs_table(data: dict[str, Any]) -> str:
-    lines = [
-        "| Services x real servers | kproxy (netlink) | objects/s | `ipvsadm -R` | objects/s "
-        "| speed-up | one-endpoint change (median) | same change, whole-model plan "
-        "| full resync, nothing to do |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
-    ]
+Column = tuple[str, str, str]  # (title, key in the row, cell kind)
 
-    for c in data.get("cases", []):
-        lines.append(
-            f"| {c.get('services', 0):,} x {c.get('real_servers_per_service', '?')}"
-            f" | {cell(c, 'kproxy_seconds', 's')} | {cell(c, 'kproxy_objects_per_second', 'rate')}"
-            f" | {cell(c, 'ipvsadm_restore_seconds', 's')}"
-            f" | {cell(c, 'ipvsadm_objects_per_second', 'rate')}"
-            f" | {cell(c, 'ratio_kproxy_over_ipvsadm', 'x')}"
-            f" | {cell(c, 'one_endpoint_change_seconds_median', 's')}"
-            f" | {cell(c, 'whole_model_change_seconds_median', 's')}"
-            f" | {cell(c, 'kproxy_full_resync_seconds', 's')} |"
-        )
+
+def _table(columns: list[Column], rows: Iterable[dict[str, Any]]) -> str:
+    """A markdown table: the first column left-aligned, the numbers right-aligned."""
+    lines = [
+        "| " + " | ".join(title for title, _, _ in columns) + " |",
+        "|---|" + "---:|" * (len(columns) - 1),
+    ]
+    for r in rows:
+        lines.append("| " + " | ".join(cell(r, key, kind) for _, key, kind in columns) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _ipvs_table(data: dict[str, Any]) -> str:
+    rows = [
+        dict(c, label=f"{c.get('services', 0):,} x {c.get('real_servers_per_service', '?')}")
+        for c in data.get("cases", [])
+    ]
+    return _table(
+        [
+            ("Services x real servers", "label", "str"),
+            ("kproxy (netlink)", "kproxy_seconds", "s"),
+            ("objects/s", "kproxy_objects_per_second", "rate"),
+            ("`ipvsadm -R`", "ipvsadm_restore_seconds", "s"),
+            ("objects/s", "ipvsadm_objects_per_second", "rate"),
+            ("speed-up", "ratio_kproxy_over_ipvsadm", "x"),
+            ("one-endpoint change (median)", "one_endpoint_change_seconds_median", "s"),
+            ("same change, whole-model plan", "whole_model_change_seconds_median", "s"),
+            ("full resync, nothing to do", "kproxy_full_resync_seconds", "s"),
+        ],
+        rows,
+    )
 
 
 def _userspace_table(data: dict[str, Any]) -> str:
@@ -265,42 +280,49 @@ def _userspace_table(data: dict[str, Any]) -> str:
         "haproxy": "HAProxy (tcp)",
         "socat": "socat",
     }
-    lines = [
-        "| path | single-stream throughput (Gbit/s) | vs direct | new connections/s "
-        "| added p50 (µs) | added p99 (µs) | KiB per idle connection |",
-        "|---|---:|---:|---:|---:|---:|---:|",
-    ]
     direct = r.get("direct", {}).get("throughput_gbit_s") or 1.0
+    rows = []
     for key, name in names.items():
-        x = dict(r.get(key) or {})
-        if not x:
+        x = dict(r.get(key) or {}, label=name)
+        if len(x) == 1:
             continue
         if isinstance(x.get("throughput_gbit_s"), int | float):
             x["vs_direct"] = x["throughput_gbit_s"] / direct
-        lines.append(
-            f"| {name} | {cell(x, 'throughput_gbit_s', '2f')} | {cell(x, 'vs_direct', '2f')}"
-            f" | {cell(x, 'connections_per_s', 'rate')} | {cell(x, 'added_latency_p50_us', 'g')}"
-            f" | {cell(x, 'added_latency_p99_us', 'g')}"
-            f" | {cell(x, 'idle_kib_per_connection', 'g')} |"
-        )
-    return "\n".join(lines) + "\n"
+        rows.append(x)
+    return _table(
+        [
+            ("path", "label", "str"),
+            ("single-stream throughput (Gbit/s)", "throughput_gbit_s", "2f"),
+            ("vs direct", "vs_direct", "2f"),
+            ("new connections/s", "connections_per_s", "rate"),
+            ("added p50 (µs)", "added_latency_p50_us", "g"),
+            ("added p99 (µs)", "added_latency_p99_us", "g"),
+            ("KiB per idle connection", "idle_kib_per_connection", "g"),
+        ],
+        rows,
+    )
 
 
 def _apiserver_table(data: dict[str, Any]) -> str:
-    lines = [
-        "| Services x endpoints | changes (rate) | first sync | change to kernel p50 | p99 "
-        "| daemon RSS after changes |",
-        "|---:|---:|---:|---:|---:|---:|",
-    ]
-    for c in data.get("cases", []):
-        lines.append(
-            f"| {c.get('services', 0):,} x {c.get('endpoints_per_service', '?')}"
-            f" | {cell(c, 'measured', 'g')} ({cell(c, 'change_rate_per_second', 'g')}/s)"
-            f" | {cell(c, 'first_sync_seconds', 's')} | {cell(c, 'latency_p50_seconds', 's')}"
-            f" | {cell(c, 'latency_p99_seconds', 's')}"
-            f" | {cell(c, 'rss_mib_after_changes', 'mib')} |"
+    rows = [
+        dict(
+            c,
+            label=f"{c.get('services', 0):,} x {c.get('endpoints_per_service', '?')}",
+            changes=f"{cell(c, 'measured', 'g')} ({cell(c, 'change_rate_per_second', 'g')}/s)",
         )
-    return "\n".join(lines) + "\n"
+        for c in data.get("cases", [])
+    ]
+    return _table(
+        [
+            ("Services x endpoints", "label", "str"),
+            ("changes (rate)", "changes", "str"),
+            ("first sync", "first_sync_seconds", "s"),
+            ("change to kernel p50", "latency_p50_seconds", "s"),
+            ("p99", "latency_p99_seconds", "s"),
+            ("daemon RSS after changes", "rss_mib_after_changes", "mib"),
+        ],
+        rows,
+    )
 
 
 def part_markdown(doc: dict[str, Any], part: str) -> str | None:

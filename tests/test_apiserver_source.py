@@ -272,6 +272,7 @@ def test_node_changes_are_delivered(
     wait_for(lambda: "taints" in r.rec.state[("Node", "node1")]["spec"], "node update")
     server.delete("Node", "node1")
     wait_for(lambda: not r.rec.keys("Node"), "node deletion")
+    assert ("Node", "node1") not in r.rec.state
 
 
 # -- 410 and relists --------------------------------------------------------------------
@@ -318,6 +319,7 @@ def test_expired_watch_error_event_relists(
     wait_for(lambda: lists(server, SERVICES) == 2 and lists(server, SLICES) == 2, "relists")
     server.apply(svc("after", "10.96.0.70"))
     wait_for(lambda: "t/after" in r.rec.keys("Service"), "watch after relist")
+    assert r.rec.state[("Service", "t/after")]["spec"]["clusterIP"] == "10.96.0.70"
 
 
 def test_expired_continue_token_restarts_the_list(server: FakeApiServer, tmp_path: Path) -> None:

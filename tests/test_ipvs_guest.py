@@ -22,7 +22,8 @@ FLOW_TIMEOUT = float(os.environ.get("KPROXY_GUEST_FLOW_TIMEOUT", "1500"))
 KERNEL_FETCH = 900  # seconds, on a fresh machine
 
 
-def _guest_pytest(args: str, timeout: float) -> None:
+def _guest_pytest(args: str, timeout: float) -> tuple[int, str]:
+    """Run pytest in the guest: (its exit code, the tail of the guest's console)."""
     if os.environ.get("KPROXY_IN_GUEST"):
         pytest.skip("already inside the guest")
     reason = harness.skip_reason()
@@ -38,15 +39,16 @@ def _guest_pytest(args: str, timeout: float) -> None:
     )
     res = harness.run(cmd, timeout=timeout, kdir=kdir)
     print(f"guest run took {res.seconds:.0f}s")
-    tail = "\n".join(res.console.splitlines()[-80:])
-    assert res.returncode == 0, f"guest tests failed (rc={res.returncode}):\n{tail}"
+    return res.returncode, "\n".join(res.console.splitlines()[-80:])
 
 
 @pytest.mark.timeout(CLIENT_TIMEOUT + KERNEL_FETCH)
 def test_ipvs_client_in_guest_kernel() -> None:
-    _guest_pytest("tests/guest/inside", CLIENT_TIMEOUT)
+    rc, tail = _guest_pytest("tests/guest/inside", CLIENT_TIMEOUT)
+    assert rc == 0, f"guest tests failed (rc={rc}):\n{tail}"
 
 
 @pytest.mark.timeout(FLOW_TIMEOUT + KERNEL_FETCH)
 def test_packet_flow_ipvs_in_guest_kernel() -> None:
-    _guest_pytest("-k ipvs tests/test_packet_flow.py", FLOW_TIMEOUT)
+    rc, tail = _guest_pytest("-k ipvs tests/test_packet_flow.py", FLOW_TIMEOUT)
+    assert rc == 0, f"guest packet-flow table failed (rc={rc}):\n{tail}"

@@ -856,18 +856,20 @@ def record(
     if usable:
         digest = _digest(output)
         previous = doc["parts"].get(part, {})
-        if run is None and previous.get("run") and previous.get("source_sha256") == digest:
-            # Re-importing the very file a suite run wrote: keep that run's record.
+        # Re-importing the very file a suite run wrote keeps that run's record and status.
+        kept = run is None and bool(previous.get("run"))
+        kept = kept and previous.get("source_sha256") == digest
+        if kept:
             run = previous["run"]
         entry["run"] = run
         entry["source_sha256"] = digest
         rows, meta = normalise(part, output)
         entry["measurements"] = rows
         entry["part_meta"] = meta
-        if run is None:
+        if kept:
+            entry["status"] = previous.get("status", "imported")
+        elif run is None:
             entry["status"] = "imported"
-        elif run is previous.get("run"):
-            entry["status"] = previous.get("status", run["status"])
         else:
             entry["status"] = run["status"] if run["status"] != "ok" or rows else "empty"
     else:

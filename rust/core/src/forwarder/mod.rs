@@ -1,7 +1,9 @@
-//! userspace mode's L4 forwarder: a tokio runtime on its own threads that accepts the
-//! flows the capture rules (`capture.rs`) redirect to it and relays them to endpoints.
+//! userspace mode's L4 forwarder: tokio runtimes on their own threads that accept the
+//! flows the capture rules (`capture.rs`) redirect to them and relay them to endpoints.
 //!
-//! - TCP: one listener per family; `SO_ORIGINAL_DST` names the Service address; the
+//! - TCP: one shard per worker thread (a current-thread runtime with its own
+//!   SO_REUSEPORT listener per family, all on one port), so a connection is accepted,
+//!   connected and relayed on one thread; `SO_ORIGINAL_DST` names the Service address; the
 //!   endpoint is picked with the Service's algorithm (`selection.rs`: round robin by
 //!   default, `kproxy.io/lb-algorithm`, ClientIP affinity); a failed connect is retried
 //!   on another endpoint; bytes move with splice(2) (`relay.rs`).
@@ -20,7 +22,7 @@ pub mod table;
 use std::collections::{BTreeMap, HashMap};
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::{Duration, Instant};
@@ -214,7 +216,9 @@ fn set_v6only(fd: i32) {
     }
 }
 
-fn tcp_listener(f: Family, port: u16, backlog: u32) -> io::Result<TcpListener> {
+/// One listener of the TCP shard group: SO_REUSEPORT, so every shard binds the same
+/// port and the kernel spreads new connections over them by flow hash.
+fn tcp_listener(f: Family, port: u16, backlog: u32) -> io::Result<std::net::TcpListener> {
     let s = match f {
         Family::V4 => TcpSocket::new_v4()?,
         Family::V6 => {
@@ -224,10 +228,19 @@ fn tcp_listener(f: Family, port: u16, backlog: u32) -> io::Result<TcpListener> {
         }
     };
     s.set_reuseaddr(true)?;
+    s.set_reuseport(true)?;
     // Accepted sockets inherit TCP_NODELAY: one setsockopt less per connection.
     s.set_nodelay(true)?;
     s.bind(SocketAddr::new(unspecified(f), port))?;
-    s.listen(backlog)
+    let fd = s.into_raw_fd();
+    // SAFETY: `fd` is the bound socket we own (into_raw_fd gave up tokio's ownership).
+    let l = unsafe { std::net::TcpListener::from_raw_fd(fd) };
+    // SAFETY: listen(2) on a valid socket.
+    if unsafe { libc::listen(fd, backlog.min(i32::MAX as u32) as libc::c_int) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    l.set_nonblocking(true)?;
+    Ok(l)
 }
 
 fn udp_socket(f: Family) -> io::Result<UdpSocket> {
@@ -264,20 +277,50 @@ impl Forwarder {
             global: GlobalStats::default(),
         });
         let (stop_tx, stop_rx) = watch::channel(false);
+        // TCP runs in shards: one thread per worker, each with its own current-thread
+        // runtime and its own SO_REUSEPORT listener per family. A connection lives and
+        // dies on the thread that accepted it: no wake-up of another thread, no task
+        // migration, no lock shared by the accept path.
         let mut tcp_port = cfg.tcp_port;
-        {
-            let _g = handle.enter();
+        let mut shard_listeners: Vec<Vec<(std::net::TcpListener, bool)>> = Vec::new();
+        for _ in 0..workers {
+            let mut ls = Vec::new();
             for &f in &cfg.families {
                 let l = tcp_listener(f, tcp_port, cfg.backlog)
                     .map_err(|e| io_err(&format!("TCP listener port {tcp_port}"), e))?;
                 tcp_port = l.local_addr().map_err(|e| io_err("local_addr", e))?.port();
-                handle.spawn(serve_tcp(
-                    l,
-                    f == Family::V6,
-                    shared.clone(),
-                    stop_rx.clone(),
-                ));
+                ls.push((l, f == Family::V6));
             }
+            shard_listeners.push(ls);
+        }
+        let mut threads = Vec::new();
+        for (i, ls) in shard_listeners.into_iter().enumerate() {
+            let shard = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(|e| io_err("tokio runtime", e))?;
+            let (shared, stop) = (shared.clone(), stop_rx.clone());
+            let t = std::thread::Builder::new()
+                .name(format!("kproxy-tcp-{i}"))
+                .spawn(move || {
+                    shard.block_on(async move {
+                        let mut serving = tokio::task::JoinSet::new();
+                        for (l, v6) in ls {
+                            match TcpListener::from_std(l) {
+                                Ok(l) => {
+                                    serving.spawn(serve_tcp(l, v6, shared.clone(), stop.clone()));
+                                }
+                                Err(_) => {
+                                    shared.global.accept_errors.fetch_add(1, Relaxed);
+                                }
+                            }
+                        }
+                        while serving.join_next().await.is_some() {}
+                    });
+                    // Dropping the runtime drops the connections still open.
+                })
+                .map_err(|e| io_err("thread", e))?;
+            threads.push(t);
         }
         let mut done = stop_rx;
         let thread = std::thread::Builder::new()
@@ -287,6 +330,9 @@ impl Forwarder {
                     let _ = done.wait_for(|s| *s).await;
                 });
                 rt.shutdown_timeout(Duration::from_secs(1));
+                for t in threads {
+                    let _ = t.join();
+                }
             })
             .map_err(|e| io_err("thread", e))?;
         Ok(Forwarder {
@@ -532,6 +578,28 @@ async fn serve_tcp(l: TcpListener, v6: bool, shared: Arc<Shared>, mut stop: watc
     }
 }
 
+/// A connection to an endpoint, TCP_NODELAY set. Its outcome is read from the readiness
+/// event itself (a failed connect reports an error or a hang-up), which saves the
+/// getsockopt(SO_ERROR) that tokio's own connect spends on every connection.
+async fn connect(ep: SocketAddr) -> io::Result<TcpStream> {
+    let s = match ep {
+        SocketAddr::V4(_) => TcpSocket::new_v4()?,
+        SocketAddr::V6(_) => TcpSocket::new_v6()?,
+    };
+    s.set_nodelay(true)?;
+    let fd = s.into_raw_fd();
+    // SAFETY: `fd` is the socket we own (into_raw_fd gave up tokio's ownership).
+    let std = unsafe { std::net::TcpStream::from_raw_fd(fd) };
+    sys::connect_start(fd, ep)?;
+    let stream = TcpStream::from_std(std)?;
+    let ready = stream.ready(Interest::WRITABLE).await?;
+    if ready.is_write_closed() || ready.is_error() {
+        let e = stream.take_error()?;
+        return Err(e.unwrap_or_else(|| io::ErrorKind::ConnectionRefused.into()));
+    }
+    Ok(stream)
+}
+
 async fn handle_tcp(client: TcpStream, peer: SocketAddr, v6: bool, shared: Arc<Shared>) {
     // TCP_NODELAY comes from the listener.
     let Ok(dst) = sys::original_dst(client.as_raw_fd(), v6) else {
@@ -559,7 +627,7 @@ async fn handle_tcp(client: TcpStream, peer: SocketAddr, v6: bool, shared: Arc<S
         let Some(ep) = lock(set).pick(&peer.ip(), now_secs(), &tried) else {
             break;
         };
-        match tokio::time::timeout(timeout, TcpStream::connect(ep)).await {
+        match tokio::time::timeout(timeout, connect(ep)).await {
             Ok(Ok(s)) => {
                 upstream = Some((s, ep));
                 break;
@@ -575,7 +643,6 @@ async fn handle_tcp(client: TcpStream, peer: SocketAddr, v6: bool, shared: Arc<S
         st.no_endpoint.fetch_add(1, Relaxed);
         return reset(client);
     };
-    let _ = up.set_nodelay(true);
     st.active.fetch_add(1, Relaxed);
     let (ended, spliced) = relay::relay(
         &client,
@@ -806,12 +873,33 @@ mod tests {
             .build()
             .unwrap();
         rt.block_on(async {
-            let l = tcp_listener(Family::V4, 0, 16).unwrap();
+            let l = TcpListener::from_std(tcp_listener(Family::V4, 0, 16).unwrap()).unwrap();
             let port = l.local_addr().unwrap().port();
             let (c, a) = tokio::join!(TcpStream::connect(("127.0.0.1", port)), l.accept());
             let (_c, (a, _)) = (c.unwrap(), a.unwrap());
             // handle_tcp does not set it on the client side itself.
             assert!(a.nodelay().unwrap());
+        });
+    }
+
+    #[test]
+    fn connect_reports_success_and_refusal_from_the_readiness_event() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let open = l.local_addr().unwrap();
+            let s = connect(open).await.unwrap();
+            assert!(s.nodelay().unwrap());
+            let (a, _) = l.accept().await.unwrap();
+            assert_eq!(a.peer_addr().unwrap(), s.local_addr().unwrap());
+            drop(l); // nothing listens on that port any more
+            let e = connect(open).await.unwrap_err();
+            assert_eq!(e.kind(), io::ErrorKind::ConnectionRefused, "{e}");
+            let v6 = SocketAddr::new(IpAddr::V6(Ipv6Addr::LOCALHOST), open.port());
+            assert!(connect(v6).await.is_err());
         });
     }
 }

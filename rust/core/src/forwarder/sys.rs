@@ -157,6 +157,17 @@ impl Pipe {
 }
 
 /// splice(2) up to `len` bytes without blocking; Ok(0) is end of file.
+/// recv(2) on a non-blocking socket.
+pub fn recv(fd: RawFd, buf: &mut [u8]) -> io::Result<usize> {
+    // SAFETY: `buf` is valid for `buf.len()` bytes of writes.
+    let n = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), 0) };
+    if n < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(n as usize)
+    }
+}
+
 pub fn splice(from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {
     // SAFETY: no offsets (sockets and pipes); the kernel checks the descriptors.
     let n = unsafe {
@@ -311,10 +322,11 @@ pub fn recv_with_dst(fd: RawFd, buf: &mut [u8]) -> io::Result<(usize, SocketAddr
     Ok((n as usize, from, dst))
 }
 
-/// sendmsg(2) without blocking, from source address `src` (IP_PKTINFO).
-pub fn send_from(fd: RawFd, buf: &[u8], to: SocketAddr, src: Option<IpAddr>) -> io::Result<usize> {
+/// `to` as a sockaddr for the kernel, with its length.
+fn sockaddr_of(to: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
+    // SAFETY: all-zero is a valid sockaddr_storage.
     let mut name: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
-    let namelen = match to {
+    let len = match to {
         SocketAddr::V4(a) => {
             // SAFETY: sockaddr_storage is large enough for a sockaddr_in.
             let s = unsafe { &mut *(&mut name as *mut _ as *mut libc::sockaddr_in) };
@@ -333,6 +345,28 @@ pub fn send_from(fd: RawFd, buf: &[u8], to: SocketAddr, src: Option<IpAddr>) -> 
             std::mem::size_of::<libc::sockaddr_in6>()
         }
     };
+    (name, len as libc::socklen_t)
+}
+
+/// connect(2) on a non-blocking socket: Ok when it completed or is in progress.
+pub fn connect_start(fd: RawFd, to: SocketAddr) -> io::Result<()> {
+    let (name, len) = sockaddr_of(to);
+    // SAFETY: `name` holds a sockaddr of `len` bytes.
+    let r = unsafe { libc::connect(fd, &name as *const _ as *const libc::sockaddr, len) };
+    if r == 0 {
+        return Ok(());
+    }
+    let e = io::Error::last_os_error();
+    if e.raw_os_error() == Some(libc::EINPROGRESS) {
+        Ok(())
+    } else {
+        Err(e)
+    }
+}
+
+/// sendmsg(2) without blocking, from source address `src` (IP_PKTINFO).
+pub fn send_from(fd: RawFd, buf: &[u8], to: SocketAddr, src: Option<IpAddr>) -> io::Result<usize> {
+    let (mut name, namelen) = sockaddr_of(to);
     let mut iov = libc::iovec {
         iov_base: buf.as_ptr() as *mut libc::c_void,
         iov_len: buf.len(),
@@ -340,7 +374,7 @@ pub fn send_from(fd: RawFd, buf: &[u8], to: SocketAddr, src: Option<IpAddr>) -> 
     let mut cbuf = [0u64; 8];
     let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
     msg.msg_name = &mut name as *mut _ as *mut libc::c_void;
-    msg.msg_namelen = namelen as libc::socklen_t;
+    msg.msg_namelen = namelen;
     msg.msg_iov = &mut iov;
     msg.msg_iovlen = 1;
     // SAFETY: building one control message inside cbuf, sized with CMSG_SPACE.

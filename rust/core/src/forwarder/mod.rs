@@ -305,6 +305,15 @@ impl Forwarder {
                 .spawn(move || {
                     shard.block_on(async move {
                         let mut serving = tokio::task::JoinSet::new();
+                        // A timer that always expires sooner than any connect timeout:
+                        // tokio wakes its own driver (an eventfd write) whenever a timer
+                        // is registered earlier than the driver's next wake-up, which
+                        // otherwise is what every connection's connect timeout is.
+                        let ticker = tokio::spawn(async {
+                            loop {
+                                tokio::time::sleep(Duration::from_millis(250)).await;
+                            }
+                        });
                         for (l, v6) in ls {
                             match TcpListener::from_std(l) {
                                 Ok(l) => {
@@ -316,6 +325,7 @@ impl Forwarder {
                             }
                         }
                         while serving.join_next().await.is_some() {}
+                        ticker.abort();
                     });
                     // Dropping the runtime drops the connections still open.
                 })

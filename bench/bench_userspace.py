@@ -9,7 +9,9 @@ HAProxy (tcp mode) and through socat (fork per connection):
 - new connections per second: ab, one connection per request, against an HAProxy
   instance that answers HTTP 200 itself (so the backend is not the bottleneck);
 - added latency: p50/p99 of a 1-byte request/response on one connection, minus direct;
-- every measurement runs in 3 rounds interleaving the targets; the best round counts;
+- every measurement runs in 5 rounds interleaving the targets; each figure is the
+  median of its rounds (the rounds are kept in the results), and kproxy / HAProxy is
+  also given as the median of per-round ratios, which cancels load that lasts a round;
 - memory per idle proxied connection: RSS growth of the proxy process(es) with N idle
   connections open (kernel socket buffers not included, for any proxy).
 
@@ -25,6 +27,7 @@ import re
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -47,7 +50,7 @@ VIPS = {"iperf": ("10.96.0.10", 5201), "http": ("10.96.0.11", 80), "echo": ("10.
 HAPROXY_PORTS = {"iperf": 15201, "http": 15080, "echo": 15007}
 SOCAT_PORTS = {"iperf": 16201, "http": 16080, "echo": 16007}
 IDLE_CONNECTIONS = 2000
-ROUNDS = 3
+ROUNDS = 5
 
 
 def manifests(d: Path) -> None:
@@ -273,22 +276,23 @@ def main() -> int:
                 "socat": {k: ("127.0.0.1", p) for k, p in SOCAT_PORTS.items()},
             }
             load_before = os.getloadavg()[0]
-            # Rounds interleave the targets, and each keeps its best round, so a burst
-            # of load from elsewhere on the machine does not fall on one target only.
+            # Rounds interleave the targets, so load from elsewhere on the machine that
+            # lasts a while falls on every target; the median of the rounds is reported.
+            rounds: dict[str, dict[str, list[float]]] = {}
             for round_ in range(ROUNDS):
                 for name, t in targets.items():
                     print(f"bench_userspace: round {round_ + 1}: {name}", file=sys.stderr)
                     p50, p99 = latency(*t["echo"])
-                    r = result.setdefault(name, {})
-                    r["throughput_gbit_s"] = max(
-                        r.get("throughput_gbit_s", 0.0), throughput(*t["iperf"])
-                    )
-                    r["connections_per_s"] = max(
-                        r.get("connections_per_s", 0.0), conn_rate(*t["http"])
-                    )
-                    if p50 < r.get("latency_p50_us", float("inf")):
-                        r["latency_p50_us"] = round(p50, 1)
-                        r["latency_p99_us"] = round(p99, 1)
+                    got = rounds.setdefault(name, {})
+                    got.setdefault("throughput_gbit_s", []).append(throughput(*t["iperf"]))
+                    got.setdefault("connections_per_s", []).append(conn_rate(*t["http"]))
+                    got.setdefault("latency_p50_us", []).append(round(p50, 1))
+                    got.setdefault("latency_p99_us", []).append(round(p99, 1))
+            for name, got in rounds.items():
+                r = result.setdefault(name, {})
+                for key, vals in got.items():
+                    r[key] = round(statistics.median(vals), 2)
+                r["rounds"] = got
             result["load_average_1m"] = [load_before, os.getloadavg()[0]]
             for name in ("kproxy", "haproxy", "socat"):
                 r = result[name]
@@ -300,6 +304,14 @@ def main() -> int:
                 )
                 direct = result["direct"]["throughput_gbit_s"] or 1.0
                 r["throughput_vs_direct"] = round(r["throughput_gbit_s"] / direct, 3)
+            # Paired per round (the two ran seconds apart under the same load).
+            for key in ("throughput_gbit_s", "connections_per_s"):
+                pairs = zip(rounds["kproxy"][key], rounds["haproxy"][key], strict=True)
+                ratios = [k / h for k, h in pairs if h > 0]
+                if ratios:
+                    result["kproxy"][f"{key}_vs_haproxy_paired"] = round(
+                        statistics.median(ratios), 3
+                    )
             result["kproxy"]["idle_kib_per_connection"] = idle_memory(
                 *VIPS["echo"], lambda: [kproxy.pid]
             )
@@ -330,7 +342,8 @@ def main() -> int:
     out = {
         "machine": {"cpus": os.cpu_count(), "kernel": platform.release()},
         "notes": "one netns, loopback; client, proxy and server share the CPUs (and other "
-        "jobs: see load_average_1m); "
+        "jobs: see load_average_1m); figures are medians of the interleaved rounds "
+        "(results.<path>.rounds); "
         "idle memory is process RSS growth (socat: summed over its forked children, "
         "200 connections)",
         "results": result,

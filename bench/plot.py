@@ -300,6 +300,26 @@ def _userspace_table(data: dict[str, Any]) -> str:
             ("KiB per idle connection", "idle_kib_per_connection", "g"),
         ],
         rows,
+    ) + _paired_line(r)
+
+
+def _paired_line(r: dict[str, Any]) -> str:
+    """kproxy / HAProxy as the median of per-round ratios, when the run kept them."""
+    k = r.get("kproxy") or {}
+    parts = [
+        f"{what} {k[key]:.2f}"
+        for key, what in (
+            ("throughput_gbit_s_vs_haproxy_paired", "throughput"),
+            ("connections_per_s_vs_haproxy_paired", "new connections/s"),
+        )
+        if isinstance(k.get(key), int | float)
+    ]
+    if not parts:
+        return ""
+    n = len((k.get("rounds") or {}).get("connections_per_s") or [])
+    return (
+        f"\n\nkproxy / HAProxy as the median of the {n} per-round ratios (each pair ran "
+        f"seconds apart): {', '.join(parts)}."
     )
 
 
@@ -539,7 +559,7 @@ def plot_forwarding(doc: dict[str, Any], path: Path) -> Path | None:
         ax.grid(True, axis="y", alpha=0.3)
         ax.tick_params(axis="x", labelsize=8)
     fig.suptitle(
-        "userspace mode against its peers (best of interleaved rounds; same run, one netns)\n"
+        "userspace mode against its peers (median of interleaved rounds; same run, one netns)\n"
         + _subtitle(doc).split(";")[0],
         fontsize=9,
     )

@@ -645,7 +645,7 @@ def norm_ipvs(d: dict[str, Any]) -> list[dict[str, Any] | None]:
 def norm_userspace(d: dict[str, Any]) -> list[dict[str, Any] | None]:
     rows: list[dict[str, Any] | None] = []
     res = d.get("results", {})
-    note = "best of the interleaved rounds"
+    note = "median of the interleaved rounds"
     for variant in ("direct", "kproxy", "haproxy", "socat"):
         r = res.get(variant)
         if not r:

@@ -119,6 +119,9 @@ def synthetic_parts() -> dict[str, dict[str, Any]]:
         }
         | {"load_average_1m": [1.0, 2.0]},
     }
+    kp = userspace["results"]["kproxy"]
+    kp["connections_per_s_vs_haproxy_paired"] = 0.93
+    kp["rounds"] = {"connections_per_s": [3000, 2900, 3100]}
     selection = {
         "picks_10_endpoints": {
             algo: {
@@ -330,6 +333,7 @@ def test_plots_from_synthetic_results(results: Path, tmp_path: Path) -> None:
     parts_data = synthetic_parts()
     kproxy_gbit = parts_data["userspace"]["results"]["kproxy"]["throughput_gbit_s"]
     assert f"| kproxy userspace | {kproxy_gbit:.2f} |" in text
+    assert "median of the 3 per-round ratios" in text and "new connections/s 0.93" in text
 
 
 def test_plot_command(results: Path, tmp_path: Path) -> None:

@@ -180,7 +180,9 @@ def plan(
     if quick:
         argv.append("--quick")
     if part == "userspace":
-        rounds = 1 if quick else 3
+        from bench import bench_userspace as us
+
+        rounds = 1 if quick else us.ROUNDS
         return Plan(
             part,
             argv + extra,

@@ -379,8 +379,9 @@ def part_markdown(doc: dict[str, Any], part: str) -> str | None:
     h = doc.get("host", {})
     if run:
         load = run.get("load_average_at_start")
+        started = str(run.get("started", "?"))[:16].replace("T", " ")
         how = (
-            f"From the `make bench` run of {doc.get('updated', '?')[:10]} "
+            f"From the bench suite's run of this part, {started} UTC "
             f"(status {entry['status']}, "
             f"{run.get('elapsed_s', 0):.0f} s"
             + (f", load average {load[0]:.1f} at start" if load else "")

@@ -91,7 +91,7 @@ pub struct ForwarderConfig {
     /// splice(2) (default) or copy through user space.
     #[serde(default = "d_true")]
     pub splice: bool,
-    /// Runtime worker threads (0: one per CPU).
+    /// TCP shards, and worker threads of the UDP runtime (0: one per CPU).
     #[serde(default)]
     pub workers: usize,
     #[serde(default = "d_pipes")]

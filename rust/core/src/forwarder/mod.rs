@@ -873,16 +873,21 @@ async fn udp_replies(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
+
+    /// Run a test's future on a fresh current-thread runtime.
+    pub(crate) fn block_on<F: std::future::Future>(f: F) -> F::Output {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("test runtime")
+            .block_on(f)
+    }
 
     #[test]
     fn accepted_connections_inherit_nodelay() {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.block_on(async {
+        block_on(async {
             let l = TcpListener::from_std(tcp_listener(Family::V4, 0, 16).unwrap()).unwrap();
             let port = l.local_addr().unwrap().port();
             let (c, a) = tokio::join!(TcpStream::connect(("127.0.0.1", port)), l.accept());
@@ -894,11 +899,7 @@ mod tests {
 
     #[test]
     fn connect_reports_success_and_refusal_from_the_readiness_event() {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.block_on(async {
+        block_on(async {
             let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
             let open = l.local_addr().unwrap();
             let s = connect(open).await.unwrap();

@@ -281,6 +281,7 @@ async fn copy_direction(
 
 #[cfg(test)]
 mod tests {
+    use super::super::tests::block_on;
     use super::*;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpListener;
@@ -338,12 +339,8 @@ mod tests {
 
     #[test]
     fn splice_and_copy_both_ways_with_half_close() {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.block_on(run(true));
-        rt.block_on(run(false));
+        block_on(run(true));
+        block_on(run(false));
     }
 
     /// Request/response traffic stays on the copy path (no read fills the scratch
@@ -351,11 +348,7 @@ mod tests {
     /// hundreds of small round trips in both directions, each waited for.
     #[test]
     fn small_messages_are_copied_and_never_stranded() {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.block_on(async {
+        block_on(async {
             let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
             let (mut client, a) = pair(&l).await;
             let (b, mut server) = pair(&l).await;
@@ -411,11 +404,7 @@ mod tests {
 
     #[test]
     fn reset_propagates() {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.block_on(async {
+        block_on(async {
             let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
             let (client, a) = pair(&l).await;
             let (b, mut server) = pair(&l).await;

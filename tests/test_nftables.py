@@ -7,6 +7,7 @@
 - per-Service kernel algorithms from kproxy.io/lb-algorithm;
 - drift (someone flushed the table) is repaired on the sync period;
 - a refused transaction is counted and retried as a full sync;
+- a full sync keeps the ClientIP affinity entries of endpoints that remain;
 - `--cleanup` removes the tables.
 """
 
@@ -188,6 +189,71 @@ def test_full_sync_replaces_a_foreign_table_atomically() -> None:
         assert (
             sum(c.startswith("service-") and c.endswith("/tcp/http") for c in state["chains"]) == 3
         )
+
+
+def test_full_sync_keeps_affinity_entries() -> None:
+    """A full sync replaces the table; the ClientIP affinity entries of endpoints that
+    remain come back with the time they had left, those of removed endpoints do not."""
+    _nft_available()
+    from kproxy.config import ProxyConfig
+    from kproxy.dataplane.nftables import AFFINITY_PREFIX, NftablesBackend
+    from kproxy.node import NodeInfo
+
+    def affinity_service(i: int) -> str:
+        svc = _service(i)
+        svc["spec"]["sessionAffinity"] = "ClientIP"
+        svc["spec"]["sessionAffinityConfig"] = {"clientIP": {"timeoutSeconds": 600}}
+        return json.dumps(svc)
+
+    model = _core.Model()
+    for i in range(2):
+        model.set_service(gen.service_key(i), affinity_service(i))
+        model.set_endpoint_slice(gen.slice_key(i), json.dumps(gen.endpoint_slice(i, 2)))
+
+    def affinity_sets() -> dict[str, list[dict[str, Any]]]:
+        out = subprocess.run(
+            ["nft", "-j", "list", "sets", "table", "ip", "kube-proxy"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        ).stdout
+        sets = [i["set"] for i in json.loads(out)["nftables"] if "set" in i]
+        return {
+            s["name"]: [e["elem"] for e in s.get("elem", [])]
+            for s in sets
+            if s["name"].startswith(AFFINITY_PREFIX)
+        }
+
+    cfg = ProxyConfig(mode="nftables", cluster_cidrs=(gen.CLUSTER_CIDR,))
+    node = NodeInfo(name=gen.NODE_NAME, ips=(gen.NODE_IP,))
+    with netns.fresh():
+        backend = NftablesBackend(cfg, node)
+        backend.sync(model, full=True)
+        names = sorted(affinity_sets())
+        assert len(names) == 4, names  # 2 Services x 2 endpoints
+        # Clients that were sent to an endpoint (what the dataplane's `update` does).
+        for n, name in enumerate(names):
+            _nft(f"add element ip kube-proxy {name} {{ 10.200.0.{n + 1} }}")
+        time.sleep(1.1)
+        # Service 1 loses one endpoint: that endpoint's set goes, and its entry with it.
+        one_left = gen.endpoint_slice(1, 2)
+        one_left["endpoints"] = one_left["endpoints"][:1]
+        model.set_endpoint_slice(gen.slice_key(1), json.dumps(one_left))
+        result = backend.sync(model, full=True)
+        assert result.full
+        after = affinity_sets()
+        assert len(after) == 3 and set(after) < set(names), (names, sorted(after))
+        for name, elems in after.items():
+            n = names.index(name)
+            assert [e["val"] for e in elems] == [f"10.200.0.{n + 1}"], (name, elems)
+            # The time left carried over (counting down from 600 s), not restarted.
+            assert 0 < elems[0]["expires"] < 600, (name, elems)
+        # Service 0 goes: its sets and entries with it; Service 1's entry stays.
+        model.set_service(gen.service_key(0), None)
+        backend.sync(model, full=True)
+        final = affinity_sets()
+        assert len(final) == 1 and all(final.values()), final
 
 
 def test_ipv6_table_loads_and_updates() -> None:

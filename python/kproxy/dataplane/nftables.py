@@ -8,7 +8,12 @@ the sync period a small probe (`nft list chain <family> kube-proxy services`, on
 of two rules) checks that nobody deleted or flushed the table, and a full sync (an
 atomic replacement of the table) repairs it. A transaction the kernel refuses is logged
 with the offending line, counted in
-kubeproxy_sync_proxy_rules_nftables_sync_failures_total and retried as a full sync."""
+kubeproxy_sync_proxy_rules_nftables_sync_failures_total and retried as a full sync.
+
+A full sync replaces the table, which would empty the ClientIP affinity sets (upstream
+flushes its table instead, which keeps set elements): when the new state declares
+affinity sets, the entries of those that already exist are read first (`nft -j list
+sets`) and re-added in the same transaction with the time they had left."""
 
 from __future__ import annotations
 
@@ -32,6 +37,8 @@ TCP_BE_LIBERAL = Path("/proc/sys/net/netfilter/nf_conntrack_tcp_be_liberal")
 #: nft error output can quote a whole 30k-element command: keep logs bounded.
 MAX_ERROR_CHARS = 600
 NFT_TIMEOUT = 600.0
+#: the renderer's ClientIP affinity sets (rust/core/src/nftables.rs AFFINITY_PREFIX)
+AFFINITY_PREFIX = "affinity-"
 
 
 def nft_path() -> str:
@@ -156,6 +163,50 @@ class NftablesBackend:
             return True
         return False
 
+    def affinity_carried(self, family: int, text: str) -> str:
+        """`add element` lines that put back, into the affinity sets that full-sync
+        `text` declares again, the entries they hold now, each with the time it had
+        left. Empty when `text` has no affinity sets or there is nothing to carry."""
+        where, _ = self.renderers[family].drift_probe()
+        fam, table = where.split()[:2]
+        declared = f"add set {fam} {table} "
+        if declared + AFFINITY_PREFIX not in text:
+            return ""
+        proc = subprocess.run(
+            [nft_path(), "-j", "list", "sets", "table", fam, table],
+            capture_output=True,
+            text=True,
+            timeout=NFT_TIMEOUT,
+            check=False,
+        )
+        if proc.returncode != 0:
+            return ""  # no table yet: nothing to carry
+        try:
+            items = json.loads(proc.stdout)["nftables"]
+        except (ValueError, KeyError, TypeError):
+            log.warning("nft -j list sets: unreadable output; affinity entries not kept")
+            return ""
+        lines = []
+        for item in items:
+            s = item.get("set") if isinstance(item, dict) else None
+            if not isinstance(s, dict):
+                continue
+            name = str(s.get("name", ""))
+            if not name.startswith(AFFINITY_PREFIX) or f"{declared}{name} " not in text:
+                continue
+            elems = []
+            for e in s.get("elem", []):
+                d = e.get("elem") if isinstance(e, dict) else None
+                if not isinstance(d, dict):
+                    continue
+                val, left = d.get("val"), d.get("expires")
+                timeout = d.get("timeout", s.get("timeout"))
+                if isinstance(val, str) and isinstance(left, int) and left > 0 and timeout:
+                    elems.append(f"{val} timeout {timeout}s expires {min(left, timeout)}s")
+            if elems:
+                lines.append(f"add element {fam} {table} {name} {{ {', '.join(elems)} }}\n")
+        return "".join(lines)
+
     def sync(self, model: Any, full: bool) -> SyncResult:
         result = SyncResult(full=full, changed=False)
         now = time.monotonic()
@@ -172,6 +223,8 @@ class NftablesBackend:
             stats = meta["stats"]
             result.full = result.full or stats["full"]
             t1 = time.monotonic()
+            if text and stats["full"]:
+                text += self.affinity_carried(family, text)
             if text:
                 try:
                     run_nft(text)

@@ -223,8 +223,9 @@ class NftablesBackend:
             stats = meta["stats"]
             result.full = result.full or stats["full"]
             t1 = time.monotonic()
-            if text and stats["full"]:
-                text += self.affinity_carried(family, text)
+            carried = self.affinity_carried(family, text) if text and stats["full"] else ""
+            if carried:
+                text += carried
             if text:
                 try:
                     run_nft(text)

@@ -6,7 +6,8 @@
 //!   connected and relayed on one thread; `SO_ORIGINAL_DST` names the Service address; the
 //!   endpoint is picked with the Service's algorithm (`selection.rs`: round robin by
 //!   default, `kproxy.io/lb-algorithm`, ClientIP affinity); a failed connect is retried
-//!   on another endpoint; bytes move with splice(2) (`relay.rs`).
+//!   on another endpoint; bytes are copied, or spliced once a flow turns out bulk
+//!   (`relay.rs`).
 //! - UDP: one listener per service port and access kind (capture.rs explains why);
 //!   a session per client address with an idle timeout; replies go out of the listener.
 //! - Updates (`sync`) build a new lookup table and swap it in; the live per-port state

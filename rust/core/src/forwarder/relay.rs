@@ -194,9 +194,10 @@ thread_local! {
     static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
-/// Read from `src` into the thread's scratch buffer and write at once to `dst`. Returns
-/// (bytes read, bytes of them left unwritten, now in `spill`); (0, 0) is end of file.
-/// A short read clears `src`'s readiness (the socket is drained, as tokio assumes for
+/// Read from `src` into the thread's scratch buffer and write at once to `dst`; what
+/// `dst` does not take goes to `spill`. Returns None when `src` had nothing to read,
+/// else (bytes written, whether the read filled the buffer); (0, false) with an empty
+/// `spill` is end of file. A short read clears `src`'s readiness (the socket is drained, as tokio assumes for
 /// its own reads on epoll), so the next wait does not start with a read that fails.
 fn copy_once(
     src: &TcpStream,

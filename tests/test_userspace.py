@@ -18,6 +18,7 @@ import threading
 import time
 import types
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -206,6 +207,40 @@ def env() -> Iterator[Env]:
 
 def connect(ip: str, port: int, timeout: float = 5.0) -> socket.socket:
     return socket.create_connection((ip, port), timeout=timeout)
+
+
+def _listeners(port: int) -> int:
+    """LISTEN sockets on `port` in this thread's namespace (IPv4 and IPv6)."""
+    n = 0
+    for table in ("tcp", "tcp6"):
+        path = Path(f"/proc/thread-self/net/{table}")
+        if not path.exists():
+            continue
+        for line in path.read_text().splitlines()[1:]:
+            local, state = line.split()[1], line.split()[3]
+            n += state == "0A" and int(local.rsplit(":", 1)[1], 16) == port
+    return n
+
+
+def test_tcp_shards_share_one_port_and_all_serve(env: Env) -> None:
+    """One SO_REUSEPORT listener per shard (one per CPU by default), all on the
+    forwarder's port; connections spread over them by hash, so 64 answered
+    connections mean every shard serves (2 shards: all on one has odds 2^-63)."""
+    shards = len(os.sched_getaffinity(0))
+    port = env.backend.forwarder.tcp_port
+    assert _listeners(port) == shards
+    env.echo("127.0.0.2", 8090)
+    env.apply(service("shards", "10.96.0.19", 80), slice_("shards", [("127.0.0.2", 8090)]))
+    socks = [connect("10.96.0.19", 80) for _ in range(64)]
+    try:
+        for i, s in enumerate(socks):
+            s.sendall(f"{i}".encode())
+        for i, s in enumerate(socks):
+            assert s.recv(16) == f"{i}".encode()
+    finally:
+        for s in socks:
+            s.close()
+    assert env.stats("shards")["connections"] == 64
 
 
 def test_large_transfer_hash_both_ways_with_half_close(env: Env) -> None:

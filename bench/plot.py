@@ -318,7 +318,7 @@ def _paired_line(r: dict[str, Any]) -> str:
         return ""
     n = len((k.get("rounds") or {}).get("connections_per_s") or [])
     return (
-        f"\n\nkproxy / HAProxy as the median of the {n} per-round ratios (each pair ran "
+        f"\nkproxy / HAProxy as the median of the {n} per-round ratios (each pair ran "
         f"seconds apart): {', '.join(parts)}."
     )
 

@@ -169,9 +169,14 @@ class NftablesBackend:
         left. Empty when `text` has no affinity sets or there is nothing to carry."""
         where, _ = self.renderers[family].drift_probe()
         fam, table = where.split()[:2]
-        declared = f"add set {fam} {table} "
-        if declared + AFFINITY_PREFIX not in text:
+        prefix = f"add set {fam} {table} {AFFINITY_PREFIX}"
+        if prefix not in text:
             return ""
+        # One pass for the names (not one scan of the whole text per set in the kernel).
+        declared = {
+            AFFINITY_PREFIX + m
+            for m in re.findall(rf"^{re.escape(prefix)}(\S+) ", text, flags=re.MULTILINE)
+        }
         proc = subprocess.run(
             [nft_path(), "-j", "list", "sets", "table", fam, table],
             capture_output=True,
@@ -192,7 +197,7 @@ class NftablesBackend:
             if not isinstance(s, dict):
                 continue
             name = str(s.get("name", ""))
-            if not name.startswith(AFFINITY_PREFIX) or f"{declared}{name} " not in text:
+            if name not in declared:
                 continue
             elems = []
             for e in s.get("elem", []):

@@ -303,33 +303,7 @@ impl Forwarder {
             let (shared, stop) = (shared.clone(), stop_rx.clone());
             let t = std::thread::Builder::new()
                 .name(format!("kproxy-tcp-{i}"))
-                .spawn(move || {
-                    shard.block_on(async move {
-                        let mut serving = tokio::task::JoinSet::new();
-                        // A timer that always expires sooner than any connect timeout:
-                        // tokio wakes its own driver (an eventfd write) whenever a timer
-                        // is registered earlier than the driver's next wake-up, which
-                        // otherwise is what every connection's connect timeout is.
-                        let ticker = tokio::spawn(async {
-                            loop {
-                                tokio::time::sleep(Duration::from_millis(250)).await;
-                            }
-                        });
-                        for (l, v6) in ls {
-                            match TcpListener::from_std(l) {
-                                Ok(l) => {
-                                    serving.spawn(serve_tcp(l, v6, shared.clone(), stop.clone()));
-                                }
-                                Err(_) => {
-                                    shared.global.accept_errors.fetch_add(1, Relaxed);
-                                }
-                            }
-                        }
-                        while serving.join_next().await.is_some() {}
-                        ticker.abort();
-                    });
-                    // Dropping the runtime drops the connections still open.
-                })
+                .spawn(move || shard.block_on(serve_shard(ls, shared, stop)))
                 .map_err(|e| io_err("thread", e))?;
             threads.push(t);
         }
@@ -587,6 +561,38 @@ async fn serve_tcp(l: TcpListener, v6: bool, shared: Arc<Shared>, mut stop: watc
             }
         }
     }
+}
+
+/// One TCP shard until stop: its listeners (one per family) on its own current-thread
+/// runtime. When it returns, the caller drops the runtime, and with it the
+/// connections still open.
+async fn serve_shard(
+    listeners: Vec<(std::net::TcpListener, bool)>,
+    shared: Arc<Shared>,
+    stop: watch::Receiver<bool>,
+) {
+    let mut serving = tokio::task::JoinSet::new();
+    // A timer that always expires sooner than any connect timeout: tokio wakes its own
+    // driver (an eventfd write) whenever a timer is registered earlier than the
+    // driver's next wake-up, which otherwise is what every connection's connect
+    // timeout is.
+    let ticker = tokio::spawn(async {
+        loop {
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    });
+    for (l, v6) in listeners {
+        match TcpListener::from_std(l) {
+            Ok(l) => {
+                serving.spawn(serve_tcp(l, v6, shared.clone(), stop.clone()));
+            }
+            Err(_) => {
+                shared.global.accept_errors.fetch_add(1, Relaxed);
+            }
+        }
+    }
+    while serving.join_next().await.is_some() {}
+    ticker.abort();
 }
 
 /// A connection to an endpoint, TCP_NODELAY set. Its outcome is read from the readiness
